@@ -1,0 +1,34 @@
+"""dsnet: Dynamic Slimmable Networks (DS-Net, CVPR 2021) in plain PyTorch.
+
+Public API::
+
+    model = dsnet.create_model("ds_mbnet_v1", num_classes=1000)
+    logits = model(x)                              # largest network
+    logits = model(x, subnet=3)                    # uniform subnet 3
+    logits, choices = model(x, subnet="dynamic", return_choices=True)
+    dsnet.count_madds(model, subnet=0)             # 132,890,144 at 224 px
+    dsnet.load_checkpoint(model, "DS_MBNet-70_1.pth.tar")
+
+This package never imports Ray; the Ray layer lives in ``pipelines``.
+"""
+
+from dsnet.arch import DS_MBNET_SMALL, DS_MBNET_V1, ArchSpec, StageSpec
+from dsnet.checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    model_from_checkpoint,
+    read_checkpoint,
+    save_checkpoint,
+)
+from dsnet.madds import count_madds, expected_madds, routing_madds
+from dsnet.model import DSNet, DynamicOutput
+from dsnet.registry import create_model, list_models, register_model
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DS_MBNET_SMALL", "DS_MBNET_V1", "ArchSpec", "StageSpec", "DSNet", "DynamicOutput",
+    "CheckpointError", "load_checkpoint", "model_from_checkpoint", "read_checkpoint",
+    "save_checkpoint", "count_madds", "expected_madds", "routing_madds",
+    "create_model", "list_models", "register_model", "__version__",
+]

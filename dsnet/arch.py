@@ -1,0 +1,127 @@
+"""Architecture specifications of the DS-Net supernets and how subnets map to widths.
+
+A supernet has *parts*: part 0 is the stem, part ``i + 1`` is stage ``i``. A subnet is one
+width per part. The release names three kinds of subnet:
+
+- *largest*: every part at its widest;
+- *uniform c*: parts before the gate stage at their narrowest, the gate stage and every
+  later stage at their c-th width (these are the ``num_subnets`` subnets of the table);
+- *dynamic*: the slimming head picks, per sample, one uniform subnet of the routing space.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+Subnet = int | str  # an index 0..num_subnets-1, "largest", "smallest" or "dynamic"
+SUBNET_NAMES = ("largest", "smallest", "dynamic")
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """One stage of depthwise-separable blocks.
+
+    Attributes:
+        widths: output width choices, ascending and distinct.
+        num_blocks: number of blocks (first block + ``num_blocks - 1`` more).
+        stride: stride of the first block.
+    """
+
+    widths: tuple[int, ...]
+    num_blocks: int
+    stride: int
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """A DS-Net supernet: stem, stages, where the gate sits, default input size.
+
+    Attributes:
+        stem_widths: stem output width choices.
+        stem_stride: stride of the 3x3 stem convolution.
+        stages: the stages, in order.
+        gate_stage: index of the stage whose first block holds the slimming head; it and
+            every later stage must have ``num_subnets`` widths.
+        img_size: default input resolution.
+        se_ratio: attention-head reduction ratio.
+    """
+
+    stem_widths: tuple[int, ...]
+    stem_stride: int
+    stages: tuple[StageSpec, ...]
+    gate_stage: int
+    img_size: int
+    se_ratio: float = 0.25
+
+    def __post_init__(self) -> None:
+        slim = [len(s.widths) for s in self.stages[self.gate_stage:]]
+        if len(set(slim)) != 1:
+            raise ValueError(f"stages from the gate stage on need equal width counts, got {slim}")
+        for widths in [self.stem_widths] + [s.widths for s in self.stages]:
+            if list(widths) != sorted(set(widths)):
+                raise ValueError(f"widths must be ascending and distinct: {widths}")
+
+    @property
+    def part_widths(self) -> tuple[tuple[int, ...], ...]:
+        """Width choices of every part (stem first)."""
+        return (self.stem_widths,) + tuple(s.widths for s in self.stages)
+
+    @property
+    def num_subnets(self) -> int:
+        """Number of uniform subnets (width choices of the gate stage)."""
+        return len(self.stages[self.gate_stage].widths)
+
+    def largest_widths(self) -> tuple[int, ...]:
+        """Widths of the largest network."""
+        return tuple(w[-1] for w in self.part_widths)
+
+    def uniform_widths(self, c: int) -> tuple[int, ...]:
+        """Widths of uniform subnet ``c``."""
+        first_slim_part = self.gate_stage + 1
+        return tuple(w[0] if p < first_slim_part else w[c]
+                     for p, w in enumerate(self.part_widths))
+
+    def resolve(self, subnet: Subnet | None) -> tuple[int, ...]:
+        """Widths of a static subnet; ``ValueError`` naming the valid values otherwise."""
+        if subnet is None or subnet == "largest":
+            return self.largest_widths()
+        if subnet == "smallest":
+            return self.uniform_widths(0)
+        if isinstance(subnet, int) and not isinstance(subnet, bool):
+            if 0 <= subnet < self.num_subnets:
+                return self.uniform_widths(subnet)
+        raise ValueError(
+            f"subnet must be 'largest', 'smallest', 'dynamic' or an int in "
+            f"[0, {self.num_subnets - 1}], got {subnet!r}")
+
+
+DS_MBNET_V1 = ArchSpec(
+    stem_widths=(16, 24),
+    stem_stride=2,
+    stages=(
+        StageSpec((32, 88), 1, 1),
+        StageSpec((48, 168), 2, 2),
+        StageSpec((96, 264), 2, 2),
+        StageSpec(tuple(range(224, 640 + 1, 32)), 6, 2),
+        StageSpec(tuple(range(736, 1152 + 1, 32)), 2, 2),
+    ),
+    gate_stage=3,
+    img_size=224,
+)
+
+# The embedded default's model: the same structure for 28-32 px inputs. Stage 3 keeps the
+# 7x7 map (stride 1) so that the slimmable stages dominate the cost and the 14 subnets
+# really differ (about 5x in MAdds from subnet 0 to 13).
+DS_MBNET_SMALL = ArchSpec(
+    stem_widths=(8, 16),
+    stem_stride=1,
+    stages=(
+        StageSpec((16, 32), 1, 1),
+        StageSpec((24, 48), 2, 2),
+        StageSpec((32, 64), 2, 2),
+        StageSpec(tuple(range(32, 136 + 1, 8)), 3, 1),
+        StageSpec(tuple(range(64, 272 + 1, 16)), 2, 2),
+    ),
+    gate_stage=3,
+    img_size=28,
+)

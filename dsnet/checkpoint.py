@@ -1,0 +1,228 @@
+"""Checkpoints: this project's self-describing files, the release's layout, bare state dicts.
+
+Everything is read with ``torch.load(weights_only=True)``; the only non-tensor class ever
+allowed is ``argparse.Namespace`` (the release stores its command-line ``args`` as one).
+Writes are atomic (temporary file + rename), so a crash never leaves a truncated file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import pickle
+import platform
+import tempfile
+import zipfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+FORMAT = "dsnet-checkpoint"
+FORMAT_VERSION = 1
+SAFE_GLOBALS = [argparse.Namespace]  # what the release's DS_MBNet-70_1.pth.tar needs
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, unreadable, not a checkpoint or does not fit the model."""
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save`` to a temporary file in the same folder, then rename over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file (recorded next to checkpoints to detect corruption)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Load a checkpoint file safely and return it as a dict.
+
+    Raises:
+        CheckpointError: missing, truncated/corrupt, or not a checkpoint.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist (check the path)")
+    try:
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path} is not a loadable checkpoint: {first}") from e
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
+        raise CheckpointError(f"{path} is truncated or corrupt ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else ''}); "
+                              "re-download or re-create it") from e
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a checkpoint dict")
+    return dict(obj)
+
+
+def extract_state_dict(ckpt: Mapping[str, Any], use_ema: bool = False,
+                       source: str = "checkpoint") -> dict[str, torch.Tensor]:
+    """The model weights of a checkpoint dict (release, dsnet or bare layout).
+
+    ``module.`` prefixes from DistributedDataParallel are stripped.
+    """
+    if use_ema:
+        if "state_dict_ema" not in ckpt or ckpt["state_dict_ema"] is None:
+            raise CheckpointError(f"{source} has no EMA weights ('state_dict_ema'); "
+                                  "load it with use_ema=False")
+        state = ckpt["state_dict_ema"]
+    elif "state_dict" in ckpt:
+        state = ckpt["state_dict"]
+    elif ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
+        state = ckpt  # a bare state dict
+    else:
+        raise CheckpointError(f"{source} has no 'state_dict' and is not a state dict "
+                              f"(keys: {', '.join(list(ckpt)[:8])})")
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def _mismatch_report(model: nn.Module, state: Mapping[str, torch.Tensor]) -> str:
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+              for k in own if k in state and state[k].shape != own[k].shape]
+    parts = []
+    for title, items in (("missing", missing), ("unexpected", unexpected),
+                         ("shape mismatch", shapes)):
+        if items:
+            more = f" ... (+{len(items) - 5} more)" if len(items) > 5 else ""
+            parts.append(f"{len(items)} {title}: {'; '.join(items[:5])}{more}")
+    return " | ".join(parts)
+
+
+def load_state_dict_checked(model: nn.Module, state: Mapping[str, torch.Tensor],
+                            strict: bool = True, source: str = "checkpoint") -> None:
+    """``load_state_dict`` with one error listing missing/unexpected keys and shape mismatches."""
+    report = _mismatch_report(model, state)
+    own = model.state_dict()
+    has_shape_errors = any(k in own and state[k].shape != own[k].shape for k in state)
+    if report and (strict or has_shape_errors):
+        name = getattr(model, "model_name", type(model).__name__)
+        raise CheckpointError(f"{source} does not fit model {name}: {report}")
+    model.load_state_dict(state, strict=strict)
+
+
+def load_checkpoint(model: nn.Module, path: str | os.PathLike, use_ema: bool = False,
+                    strict: bool = True) -> dict[str, Any]:
+    """Load weights into ``model`` from the release's, this project's or a bare checkpoint.
+
+    Args:
+        model: the model to fill (``dsnet.create_model(...)``).
+        path: checkpoint file.
+        use_ema: load the EMA weights (``state_dict_ema``) instead of ``state_dict``.
+        strict: require the keys to match exactly (shapes must always match).
+
+    Returns:
+        The checkpoint dict (metadata such as ``epoch``, ``config``, ``metrics``).
+    """
+    ckpt = read_checkpoint(path)
+    state = extract_state_dict(ckpt, use_ema, source=str(path))
+    _apply_routing_space(model, ckpt, state)
+    load_state_dict_checked(model, state, strict, source=str(path))
+    return ckpt
+
+
+def _apply_routing_space(model: nn.Module, ckpt: Mapping[str, Any],
+                         state: Mapping[str, torch.Tensor]) -> None:
+    """Resize the slimming head to the checkpoint's routing space before loading."""
+    space = ckpt.get("routing_space")
+    if space is not None and hasattr(model, "routing_space"):
+        model.routing_space = tuple(space)
+
+
+def versions() -> dict[str, str]:
+    """Versions recorded with every checkpoint and run."""
+    from dsnet import __version__
+
+    return {"dsnet": __version__, "torch": str(torch.__version__),
+            "python": platform.python_version()}
+
+
+def save_checkpoint(path: str | os.PathLike, model: nn.Module, *, stage: str, epoch: int,
+                    config: Mapping[str, Any] | None = None,
+                    metrics: Mapping[str, Any] | None = None,
+                    ema_model: nn.Module | None = None,
+                    optimizer_state: Mapping[str, Any] | None = None,
+                    extra: Mapping[str, Any] | None = None) -> Path:
+    """Write a self-describing checkpoint atomically.
+
+    It records the model name and arguments (so :func:`model_from_checkpoint` can rebuild
+    the model), the routing space, the stage and epoch, the resolved config, metrics and
+    versions, next to the weights (and EMA / optimizer state when given).
+    """
+    model = getattr(model, "module", model)
+    payload = {
+        "format": FORMAT, "format_version": FORMAT_VERSION,
+        "model_name": getattr(model, "model_name", None),
+        "model_kwargs": _plain(getattr(model, "model_kwargs", {})),
+        "routing_space": list(getattr(model, "routing_space", ()) or ()) or None,
+        "stage": stage, "epoch": int(epoch),
+        "config": _plain(config or {}), "metrics": _plain(metrics or {}),
+        "versions": versions(),
+        "state_dict": model.state_dict(),
+        "state_dict_ema": ema_model.state_dict() if ema_model is not None else None,
+        "optimizer": optimizer_state, "extra": _plain(extra or {}),
+    }
+    atomic_torch_save(payload, path)
+    return Path(path)
+
+
+def _plain(obj: Any) -> Any:
+    """Convert to builtins only, so the file loads with ``weights_only=True``."""
+    if isinstance(obj, Mapping):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, torch.Tensor):
+        return obj
+    if obj is None or isinstance(obj, bool | int | float | str):
+        return obj
+    return str(obj)
+
+
+def model_from_checkpoint(path: str | os.PathLike, use_ema: bool = False,
+                          **overrides: Any) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild a model from a dsnet checkpoint and load its weights.
+
+    Returns:
+        ``(model, checkpoint_dict)``.
+    """
+    from dsnet.registry import create_model
+
+    ckpt = read_checkpoint(path)
+    if ckpt.get("format") != FORMAT or not ckpt.get("model_name"):
+        raise CheckpointError(f"{path} is not a self-describing dsnet checkpoint; build the "
+                              "model with dsnet.create_model(...) and use load_checkpoint")
+    kwargs = dict(ckpt.get("model_kwargs") or {})
+    kwargs.update(overrides)
+    if ckpt.get("routing_space"):
+        kwargs["routing_space"] = tuple(ckpt["routing_space"])
+    model = create_model(ckpt["model_name"], **kwargs)
+    state = extract_state_dict(ckpt, use_ema, source=str(path))
+    load_state_dict_checked(model, state, True, source=str(path))
+    return model, ckpt

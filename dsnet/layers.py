@@ -1,0 +1,182 @@
+"""Dynamic-weight-slicing layers.
+
+Every layer stores the tensors of its *widest* configuration. A narrower width uses the
+first ``n`` filters (a contiguous slice: a view, no copy, no mask), so a slim subnet is an
+ordinary dense network with smaller tensors and runs truly faster.
+
+Widths travel with the call: the input width is read from ``x.size(1)`` and the output
+width (where a layer has a choice) is an argument of ``forward``. No layer keeps a
+"current width" attribute that would need resetting between calls.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def make_divisible(value: float, divisor: int = 1, min_value: int | None = None) -> int:
+    """Round ``value`` to a multiple of ``divisor`` as the release does (ties round up)."""
+    min_value = min_value or divisor
+    new_value = max(min_value, int(value + divisor / 2) // divisor * divisor)
+    if new_value < 0.9 * value:  # never round down by more than 10 %
+        new_value += divisor
+    return new_value
+
+
+def swish(x: torch.Tensor) -> torch.Tensor:
+    """Swish / SiLU written as the release (``x * sigmoid(x)``) so results match bit for bit."""
+    return x.mul(x.sigmoid())
+
+
+class Swish(nn.Module):
+    """Module wrapper of :func:`swish`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return swish(x)
+
+
+def _same_padding(kernel_size: int, stride: int, dilation: int = 1) -> int:
+    # The release's symmetric padding: keeps the size at stride 1, halves it at stride 2.
+    return ((stride - 1) + dilation * (kernel_size - 1)) // 2
+
+
+class DSConv2d(nn.Conv2d):
+    """Regular convolution (groups=1) whose in/out channels are sliced per call.
+
+    Args:
+        in_channels: widest input width (the stored tensor's).
+        out_channels: widest output width.
+        kernel_size: square kernel size.
+        stride: stride.
+        bias: whether a bias is stored (sliced like the output channels).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int,
+                 stride: int = 1, bias: bool = False) -> None:
+        super().__init__(in_channels, out_channels, kernel_size, stride=stride,
+                         padding=_same_padding(kernel_size, stride), bias=bias)
+
+    def forward(self, x: torch.Tensor, out_channels: int | None = None) -> torch.Tensor:
+        """Convolve ``x`` (B, C_in_active, H, W) to ``out_channels`` (default: widest)."""
+        out_c = self.out_channels if out_channels is None else out_channels
+        weight = self.weight[:out_c, : x.size(1)]  # (C_out_active, C_in_active, k, k), a view
+        bias = self.bias[:out_c] if self.bias is not None else None
+        return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, 1)
+
+
+class DSPointwiseConv2d(DSConv2d):
+    """1x1 convolution with sliced in/out channels."""
+
+    def __init__(self, in_channels: int, out_channels: int, bias: bool = False) -> None:
+        super().__init__(in_channels, out_channels, 1, 1, bias=bias)
+
+
+class DSDepthwiseConv2d(nn.Conv2d):
+    """Depthwise convolution: the active width is the input's, ``x.size(1)``."""
+
+    def __init__(self, channels: int, kernel_size: int = 3, stride: int = 1,
+                 bias: bool = False) -> None:
+        super().__init__(channels, channels, kernel_size, stride=stride,
+                         padding=_same_padding(kernel_size, stride), groups=channels, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        c = x.size(1)
+        bias = self.bias[:c] if self.bias is not None else None
+        return F.conv2d(x, self.weight[:c], bias, self.stride, self.padding, self.dilation, c)
+
+
+class DSBatchNorm2d(nn.Module):
+    """BatchNorm with running statistics per width and one shared affine (release layout).
+
+    ``aux_bn.{i}`` holds the running statistics of width ``widths[i]``; only the last one
+    is affine, and every width uses the first ``n`` entries of its weight and bias. The
+    width index is found from ``x.size(1)``, so widths must be distinct.
+
+    Args:
+        widths: the width choices, ascending.
+        eps: numerical epsilon (shared, the last BN's).
+        momentum: running-statistics momentum (shared, the last BN's).
+    """
+
+    def __init__(self, widths: Sequence[int], eps: float = 1e-5, momentum: float = 0.1) -> None:
+        super().__init__()
+        self.widths = tuple(int(w) for w in widths)
+        if len(set(self.widths)) != len(self.widths):
+            raise ValueError(f"BatchNorm widths must be distinct, got {self.widths}")
+        self.aux_bn = nn.ModuleList([nn.BatchNorm2d(w, affine=False) for w in self.widths[:-1]])
+        self.aux_bn.append(nn.BatchNorm2d(self.widths[-1], eps=eps, momentum=momentum))
+        self._index = {w: i for i, w in enumerate(self.widths)}
+
+    def bn_for_width(self, width: int) -> nn.BatchNorm2d:
+        """The BatchNorm holding the running statistics of ``width``."""
+        try:
+            return self.aux_bn[self._index[width]]
+        except KeyError:
+            raise ValueError(f"width {width} is not one of this BatchNorm's widths "
+                             f"{self.widths}") from None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        c = x.size(1)
+        stats = self.bn_for_width(c)
+        shared = self.aux_bn[-1]
+        # As the release: every width (the widest too) normalises with its own running
+        # statistics, the shared affine's first c entries and the shared momentum/eps;
+        # num_batches_tracked is left alone (momentum is always set).
+        return F.batch_norm(x, stats.running_mean, stats.running_var, shared.weight[:c],
+                            shared.bias[:c], self.training, shared.momentum, shared.eps)
+
+
+class DSLinear(nn.Linear):
+    """Linear layer whose input features are sliced to ``x.size(1)``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight[:, : x.size(1)], self.bias)
+
+
+class AttentionHead(nn.Module):
+    """Squeeze-excitation attention with an optional slimming head (the release's gate).
+
+    pool -> ``conv_reduce`` (to a fixed ``r`` channels) -> ReLU -> ``conv_expand`` (back to
+    the running width) -> sigmoid -> multiply. The slimming head ``gate.0`` maps the reduced
+    features (after the ReLU) to one logit per routing choice.
+
+    Args:
+        channels: widest input width.
+        se_ratio: reduction ratio (r = round(channels * se_ratio)).
+        num_gate_choices: number of slimming-head logits; 0 for a plain attention head.
+    """
+
+    def __init__(self, channels: int, se_ratio: float = 0.25, num_gate_choices: int = 0) -> None:
+        super().__init__()
+        self.reduced_channels = make_divisible(channels * se_ratio, 1)
+        self.conv_reduce = DSPointwiseConv2d(channels, self.reduced_channels, bias=True)
+        self.conv_expand = DSPointwiseConv2d(self.reduced_channels, channels, bias=True)
+        self.gate: nn.Sequential | None = None
+        if num_gate_choices > 0:
+            self.set_num_gate_choices(num_gate_choices)
+
+    def set_num_gate_choices(self, n: int) -> None:
+        """(Re)build the slimming head with ``n`` outputs (fresh, initialised weights)."""
+        conv = nn.Conv2d(self.reduced_channels, n, 1, bias=False)
+        nn.init.normal_(conv.weight, 0.0, (2.0 / n) ** 0.5)  # release init: fan_out = n
+        self.gate = nn.Sequential(conv)
+
+    def forward_with_reduced(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return (attended features (B, C, H, W), reduced features (B, r, 1, 1))."""
+        pooled = F.adaptive_avg_pool2d(x, 1)                    # (B, C, 1, 1)
+        reduced = F.relu(self.conv_reduce(pooled))              # (B, r, 1, 1)
+        attn = self.conv_expand(reduced, out_channels=x.size(1)).sigmoid()
+        return x * attn, reduced
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_with_reduced(x)[0]
+
+    def gate_logits(self, reduced: torch.Tensor) -> torch.Tensor:
+        """Slimming-head logits (B, num_choices) from the reduced features."""
+        if self.gate is None:
+            raise RuntimeError("this attention head has no slimming head")
+        return self.gate(reduced).flatten(1)

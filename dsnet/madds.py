@@ -1,0 +1,83 @@
+"""Multiply-adds (MAdds) with the release's counting rule.
+
+Counted for the running widths: every convolution ``in * out * k * k * H_out * W_out /
+groups``, the attention heads' 1x1 convolutions (on a 1x1 map), every average pool as
+``channels * H_in * W_in`` and the classifier ``in * out``. BatchNorm, activations and the
+attention multiply are free. The count is analytic (no forward pass), so it is exact and
+cheap for any input size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from dsnet.arch import ArchSpec, Subnet
+from dsnet.layers import make_divisible
+
+
+def _conv_out(size: int, stride: int, kernel: int = 3) -> int:
+    pad = ((stride - 1) + (kernel - 1)) // 2
+    return (size + 2 * pad - kernel) // stride + 1
+
+
+def _block_madds(c_in: int, c_out: int, c_max: int, size: int, se_ratio: float) -> int:
+    """One depthwise-separable block at output map ``size`` x ``size``."""
+    r = make_divisible(c_max * se_ratio, 1)
+    hw = size * size
+    depthwise = c_in * 9 * hw
+    attention = c_in * hw + c_in * r + r * c_in   # pool + reduce + expand
+    pointwise = c_in * c_out * hw
+    return depthwise + attention + pointwise
+
+
+def widths_madds(arch: ArchSpec, widths: Sequence[int], in_chans: int, num_classes: int,
+                 input_size: int) -> int:
+    """MAdds of the static subnet with the given per-part widths."""
+    size = _conv_out(input_size, arch.stem_stride)
+    total = in_chans * widths[0] * 9 * size * size
+    c_in, in_choices = widths[0], arch.stem_widths
+    for spec, c_out in zip(arch.stages, widths[1:]):
+        for b in range(spec.num_blocks):
+            size = _conv_out(size, spec.stride if b == 0 else 1)
+            c_max = in_choices[-1] if b == 0 else spec.widths[-1]
+            total += _block_madds(c_in, c_out, c_max, size, arch.se_ratio)
+            c_in = c_out
+        in_choices = spec.widths
+    return total + c_in * size * size + c_in * num_classes   # global pool + classifier
+
+
+def count_madds(model: torch.nn.Module, subnet: Subnet | None = "largest",
+                input_size: int | None = None) -> int:
+    """MAdds of one image through a static subnet of ``model``.
+
+    Args:
+        model: a DS-Net supernet (``dsnet.create_model``).
+        subnet: ``"largest"``, ``"smallest"`` or a uniform subnet index. For the dynamic
+            mode use :func:`routing_madds` (per choice) and average over the samples.
+        input_size: square input resolution (default: the architecture's).
+
+    Returns:
+        The count as an exact integer (ds_mbnet_v1 at 224: subnet 0 -> 132,890,144).
+    """
+    arch: ArchSpec = model.arch
+    size = input_size or arch.img_size
+    widths = arch.resolve(subnet)
+    return widths_madds(arch, widths, model.in_chans, model.num_classes, size)
+
+
+def routing_madds(model: torch.nn.Module, input_size: int | None = None) -> torch.Tensor:
+    """MAdds of each routing choice (float64 tensor (K,)), gate head included.
+
+    The expected MAdds of a dynamic forward is ``(gate_weights * routing_madds).sum(1)``;
+    with the straight-through one-hot it is differentiable w.r.t. the slimming head.
+    """
+    gate_cost = model.gate_head.reduced_channels * len(model.routing_space)
+    return torch.tensor([count_madds(model, c, input_size) + gate_cost
+                         for c in model.routing_space], dtype=torch.float64)
+
+
+def expected_madds(gate_weights: torch.Tensor, per_choice: torch.Tensor) -> torch.Tensor:
+    """Per-sample MAdds (B,) of a dynamic forward from its (B, K) gate weights."""
+    return gate_weights @ per_choice.to(gate_weights.dtype).to(gate_weights.device)

@@ -1,0 +1,297 @@
+"""The DS-Net supernet (MobileNetV1-style, the release's ``slimmable_mbnet_v1_bn_uniform``).
+
+Module names and tensor shapes follow the release exactly, so its checkpoint loads as is:
+``conv_stem``, ``bn1``, ``blocks.{stage}.first_block`` / ``blocks.{stage}.residual_blocks.{j}``
+(each ``conv_dw``, ``bn1``, ``gate``, ``conv_pw``, ``bn2``), ``classifier``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dsnet.arch import DS_MBNET_SMALL, DS_MBNET_V1, ArchSpec, Subnet
+from dsnet.layers import (
+    AttentionHead,
+    DSBatchNorm2d,
+    DSConv2d,
+    DSDepthwiseConv2d,
+    DSLinear,
+    DSPointwiseConv2d,
+    swish,
+)
+from dsnet.registry import register_model
+
+
+class DepthwiseSeparableBlock(nn.Module):
+    """conv_dw -> bn1 -> Swish -> attention head (``gate``) -> conv_pw -> bn2 -> Swish.
+
+    The block is split at the attention head because the slimming head decides the output
+    width of ``conv_pw`` from the attention head's reduced features.
+    """
+
+    def __init__(self, in_widths: Sequence[int], out_widths: Sequence[int], stride: int,
+                 se_ratio: float, num_gate_choices: int = 0) -> None:
+        super().__init__()
+        self.conv_dw = DSDepthwiseConv2d(in_widths[-1], 3, stride)
+        self.bn1 = DSBatchNorm2d(in_widths)
+        self.gate = AttentionHead(in_widths[-1], se_ratio, num_gate_choices)
+        self.conv_pw = DSPointwiseConv2d(in_widths[-1], out_widths[-1])
+        self.bn2 = DSBatchNorm2d(out_widths)
+
+    def forward_pre(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Up to the attention head: (features (B, C_in, H', W'), reduced (B, r, 1, 1))."""
+        x = swish(self.bn1(self.conv_dw(x)))
+        return self.gate.forward_with_reduced(x)
+
+    def forward_post(self, x: torch.Tensor, out_width: int) -> torch.Tensor:
+        """From ``conv_pw`` on: (B, C_in, H, W) -> (B, out_width, H, W)."""
+        return swish(self.bn2(self.conv_pw(x, out_width)))
+
+    def forward(self, x: torch.Tensor, out_width: int) -> torch.Tensor:
+        return self.forward_post(self.forward_pre(x)[0], out_width)
+
+
+class DSStage(nn.Module):
+    """A stage: ``first_block`` (stride, width change) then ``residual_blocks`` (no skip)."""
+
+    def __init__(self, in_widths: Sequence[int], out_widths: Sequence[int], num_blocks: int,
+                 stride: int, se_ratio: float, num_gate_choices: int = 0) -> None:
+        super().__init__()
+        self.first_block = DepthwiseSeparableBlock(in_widths, out_widths, stride, se_ratio,
+                                                   num_gate_choices)
+        self.residual_blocks = nn.ModuleList(
+            DepthwiseSeparableBlock(out_widths, out_widths, 1, se_ratio)
+            for _ in range(num_blocks - 1))
+
+    def forward_rest(self, x: torch.Tensor, out_width: int) -> torch.Tensor:
+        """The blocks after the first one."""
+        for block in self.residual_blocks:
+            x = block(x, out_width)
+        return x
+
+    def forward(self, x: torch.Tensor, out_width: int) -> torch.Tensor:
+        return self.forward_rest(self.first_block(x, out_width), out_width)
+
+
+@dataclass
+class DynamicOutput:
+    """Everything a dynamic forward computes.
+
+    Attributes:
+        logits: (B, num_classes) class logits.
+        gate_logits: (B, K) slimming-head logits, K = ``len(routing_space)``.
+        gate_weights: (B, K) the one-hot actually applied: straight-through Gumbel-softmax
+            in train mode (carries gradients to the head), plain one-hot in eval mode.
+        choices: (B,) chosen subnet index per sample (values of the routing space).
+    """
+
+    logits: torch.Tensor
+    gate_logits: torch.Tensor
+    gate_weights: torch.Tensor
+    choices: torch.Tensor
+
+
+def straight_through_gumbel(logits: torch.Tensor, tau: float = 1.0) -> torch.Tensor:
+    """Hard one-hot of a Gumbel-softmax sample whose gradient is the soft sample's."""
+    gumbels = -torch.empty_like(logits).exponential_().log()   # ~ Gumbel(0, 1)
+    soft = ((logits + gumbels) / tau).softmax(dim=1)
+    hard = torch.zeros_like(soft).scatter_(1, soft.argmax(dim=1, keepdim=True), 1.0)
+    return hard - soft.detach() + soft
+
+
+class DSNet(nn.Module):
+    """A dynamic slimmable supernet.
+
+    Call it as ``model(x)`` (largest), ``model(x, subnet=c)`` (uniform subnet c),
+    ``model(x, subnet="smallest")`` or ``model(x, subnet="dynamic")`` (the slimming head
+    routes each sample to a subnet of ``routing_space``). The slimming head samples a
+    straight-through Gumbel one-hot when it is in train mode and takes the argmax in eval
+    mode: ``model.eval(); model.gate_head.train()`` is the gate-training setting.
+
+    Args:
+        arch: the architecture.
+        num_classes: classifier outputs.
+        in_chans: input channels.
+        drop_rate: dropout before the classifier, applied to the largest network only.
+        routing_space: uniform subnets the slimming head chooses among (ascending).
+    """
+
+    def __init__(self, arch: ArchSpec, num_classes: int = 1000, in_chans: int = 3,
+                 drop_rate: float = 0.0, routing_space: Sequence[int] = (0, 1, 2, 3)) -> None:
+        super().__init__()
+        self.arch = arch
+        self.num_classes = num_classes
+        self.in_chans = in_chans
+        self.drop_rate = drop_rate
+        self.conv_stem = DSConv2d(in_chans, arch.stem_widths[-1], 3, arch.stem_stride)
+        self.bn1 = DSBatchNorm2d(arch.stem_widths)
+        in_widths = arch.stem_widths
+        stages = []
+        for spec in arch.stages:
+            stages.append(DSStage(in_widths, spec.widths, spec.num_blocks, spec.stride,
+                                  arch.se_ratio))
+            in_widths = spec.widths
+        self.blocks = nn.ModuleList(stages)
+        self.classifier = DSLinear(in_widths[-1], num_classes)
+        self._routing_space: tuple[int, ...] = ()
+        init_weights(self)
+        self.routing_space = routing_space  # builds the slimming head (gate.gate.0)
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def num_subnets(self) -> int:
+        """Number of uniform subnets (14 for DS-MBNet)."""
+        return self.arch.num_subnets
+
+    @property
+    def gate_head(self) -> AttentionHead:
+        """The attention head holding the slimming head (``blocks.{g}.first_block.gate``)."""
+        return self.blocks[self.arch.gate_stage].first_block.gate
+
+    @property
+    def routing_space(self) -> tuple[int, ...]:
+        """Uniform subnets the slimming head routes to, ascending."""
+        return self._routing_space
+
+    @routing_space.setter
+    def routing_space(self, subnets: Sequence[int]) -> None:
+        subnets = tuple(int(s) for s in subnets)
+        if len(subnets) < 2 or list(subnets) != sorted(set(subnets)) or not (
+                0 <= subnets[0] and subnets[-1] < self.num_subnets):
+            raise ValueError(f"routing_space must be >= 2 ascending distinct subnets in "
+                             f"[0, {self.num_subnets - 1}], got {subnets}")
+        if len(subnets) != len(self._routing_space):
+            self.gate_head.set_num_gate_choices(len(subnets))  # the head's size follows it
+        self._routing_space = subnets
+
+    def gate_parameters(self) -> list[nn.Parameter]:
+        """The slimming head's parameters (the only ones gate training optimises)."""
+        return list(self.gate_head.gate.parameters())
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x: torch.Tensor, subnet: Subnet | None = "largest",
+                return_choices: bool = False, gumbel_tau: float = 1.0):
+        """Run a subnet on ``x`` (B, in_chans, H, W) and return logits (B, num_classes).
+
+        With ``return_choices=True`` returns ``(logits, choices)``, the subnet index each
+        sample ran (``-1`` for the largest network, which is not a uniform subnet).
+        """
+        if subnet == "dynamic":
+            out = self.forward_dynamic(x, gumbel_tau)
+            return (out.logits, out.choices) if return_choices else out.logits
+        widths = self.arch.resolve(subnet)
+        logits = self.forward_widths(x, widths)
+        if not return_choices:
+            return logits
+        index = -1 if widths == self.arch.largest_widths() else self._uniform_index(subnet)
+        return logits, torch.full((x.size(0),), index, dtype=torch.long, device=x.device)
+
+    def _uniform_index(self, subnet: Subnet | None) -> int:
+        return 0 if subnet == "smallest" else int(subnet)
+
+    def forward_widths(self, x: torch.Tensor, widths: Sequence[int]) -> torch.Tensor:
+        """Run the static subnet with one output width per part (stem first)."""
+        x = swish(self.bn1(self.conv_stem(x, widths[0])))    # (B, stem, H/s, W/s)
+        for stage, width in zip(self.blocks, widths[1:]):
+            x = stage(x, width)                               # (B, width, h, w)
+        largest = tuple(widths) == self.arch.largest_widths()
+        return self.forward_head(x, dropout=largest)
+
+    def forward_head(self, x: torch.Tensor, dropout: bool = False) -> torch.Tensor:
+        """Global average pool, dropout (largest only, as the release), classifier."""
+        x = F.adaptive_avg_pool2d(x, 1).flatten(1)           # (B, C_active)
+        if dropout and self.drop_rate > 0.0:
+            x = F.dropout(x, self.drop_rate, self.training)
+        return self.classifier(x)
+
+    # ------------------------------------------------------------------ dynamic
+    def forward_trunk(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Shared part of every routed subnet: stem .. gate block's attention head.
+
+        Returns (features (B, C, h, w) entering the gate block's ``conv_pw``,
+        slimming-head logits (B, K)).
+        """
+        widths = self.arch.uniform_widths(self.routing_space[0])
+        g = self.arch.gate_stage
+        x = swish(self.bn1(self.conv_stem(x, widths[0])))
+        for stage, width in zip(self.blocks[:g], widths[1:g + 1]):
+            x = stage(x, width)
+        feats, reduced = self.blocks[g].first_block.forward_pre(x)
+        return feats, self.gate_head.gate_logits(reduced)
+
+    def forward_tail(self, feats: torch.Tensor, subnet: int) -> torch.Tensor:
+        """Rest of uniform subnet ``subnet`` from the trunk's features to the logits."""
+        widths = self.arch.uniform_widths(subnet)
+        g = self.arch.gate_stage
+        x = self.blocks[g].first_block.forward_post(feats, widths[g + 1])
+        x = self.blocks[g].forward_rest(x, widths[g + 1])
+        for stage, width in zip(self.blocks[g + 1:], widths[g + 2:]):
+            x = stage(x, width)
+        return self.forward_head(x)
+
+    def forward_dynamic(self, x: torch.Tensor, gumbel_tau: float = 1.0) -> DynamicOutput:
+        """Route every sample to one subnet of the routing space.
+
+        Eval mode (gate head): argmax, and samples are grouped by choice so each group runs
+        the rest of the network at its own width (no masks, no full-width compute).
+        Train mode: a straight-through Gumbel one-hot; every routed subnet runs on the whole
+        batch and the one-hot mixes their logits, so each sample gets exactly its subnet's
+        logits and the head gets gradients from every choice.
+        """
+        feats, gate_logits = self.forward_trunk(x)
+        space = torch.tensor(self.routing_space, device=x.device)
+        if self.gate_head.training:
+            weights = straight_through_gumbel(gate_logits, gumbel_tau)      # (B, K)
+            tails = torch.stack([self.forward_tail(feats, c) for c in self.routing_space], 1)
+            logits = (weights.unsqueeze(-1) * tails).sum(1)                 # (B, classes)
+            return DynamicOutput(logits, gate_logits, weights, space[weights.argmax(1)])
+        index = gate_logits.argmax(dim=1)                                  # (B,)
+        weights = F.one_hot(index, len(self.routing_space)).to(gate_logits.dtype)
+        logits = self._grouped_tails(feats, index)
+        return DynamicOutput(logits, gate_logits, weights, space[index])
+
+    def _grouped_tails(self, feats: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        logits = feats.new_empty(feats.size(0), self.num_classes)
+        for k, subnet in enumerate(self.routing_space):
+            rows = (index == k).nonzero(as_tuple=True)[0]
+            if rows.numel():
+                logits[rows] = self.forward_tail(feats[rows], subnet)
+        return logits
+
+
+def init_weights(model: nn.Module) -> None:
+    """The release's EfficientNet ("goog") initialisation."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels // m.groups
+            nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / fan_out))
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.BatchNorm2d) and m.affine:
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Linear):
+            bound = 1.0 / math.sqrt(m.weight.size(0))
+            nn.init.uniform_(m.weight, -bound, bound)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+
+@register_model("ds_mbnet_v1", aliases=("slimmable_mbnet_v1_bn_uniform",))
+def ds_mbnet_v1(num_classes: int = 1000, in_chans: int = 3, drop_rate: float = 0.0,
+                routing_space: Sequence[int] = (0, 1, 2, 3)) -> DSNet:
+    """DS-MBNet, the release's supernet (ImageNet, 224 px, 14 subnets 133M-565M MAdds)."""
+    return DSNet(DS_MBNET_V1, num_classes, in_chans, drop_rate, routing_space)
+
+
+@register_model("ds_mbnet_small")
+def ds_mbnet_small(num_classes: int = 10, in_chans: int = 1, drop_rate: float = 0.0,
+                   routing_space: Sequence[int] = (0, 1, 2, 3)) -> DSNet:
+    """A small DS-MBNet for 28-32 px inputs (the embedded MNIST default's model)."""
+    return DSNet(DS_MBNET_SMALL, num_classes, in_chans, drop_rate, routing_space)

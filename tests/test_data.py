@@ -1,0 +1,253 @@
+"""Tests for dsnet.data: datasets, errors, corrupt files and per-rank loaders (CPU, offline)."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from dsnet.data import (
+    DATASETS,
+    DataBundle,
+    DataError,
+    build_datasets,
+    build_loader,
+    set_loader_epoch,
+)
+
+
+@pytest.fixture(scope="module")
+def mnist() -> DataBundle:
+    return build_datasets("mnist5k")
+
+
+def _make_tree(root: Path, classes=("cat", "dog", "fox"), per_class: int = 3,
+               splits=("train", "val")) -> Path:
+    """Write a tiny ImageFolder tree of 8x8 PNGs."""
+    gen = torch.Generator().manual_seed(0)
+    for split in splits:
+        for cls in classes:
+            folder = root / split / cls
+            folder.mkdir(parents=True)
+            for i in range(per_class):
+                pixels = torch.randint(0, 256, (8, 8, 3), generator=gen, dtype=torch.uint8)
+                Image.fromarray(pixels.numpy()).save(folder / f"{i}.png")
+    return root
+
+
+def _all_labels(dataset) -> torch.Tensor:
+    return torch.tensor([dataset[i][1] for i in range(len(dataset))])
+
+
+# --------------------------------------------------------------------------- mnist5k
+
+
+def test_mnist5k_sizes_shapes_and_dtype(mnist):
+    assert (len(mnist.train), len(mnist.val)) == (4000, 1000)
+    assert (mnist.num_classes, mnist.in_chans, mnist.img_size) == (10, 1, 28)
+    image, label = mnist.train[0]
+    assert image.shape == (1, 28, 28) and image.dtype == torch.float32
+    assert isinstance(label, int)
+
+
+def test_mnist5k_is_normalised(mnist):
+    images = mnist.train.images
+    assert abs(images.mean().item()) < 0.1
+    assert abs(images.std().item() - 1.0) < 0.1
+
+
+def test_mnist5k_split_deterministic_disjoint_and_balanced(mnist):
+    again = build_datasets("mnist5k", seed=42)
+    assert torch.equal(again.val.images, mnist.val.images)
+    other = build_datasets("mnist5k", seed=7)
+    assert not torch.equal(other.val.images, mnist.val.images)
+    # Disjoint: no validation image also appears in training (compare flattened rows).
+    train_rows = {tuple(r.tolist()) for r in mnist.train.images.flatten(1)[:, ::7]}
+    assert not any(tuple(r.tolist()) in train_rows for r in mnist.val.images.flatten(1)[:, ::7])
+    assert set(mnist.train.targets.tolist()) == set(range(10))
+    assert set(mnist.val.targets.tolist()) == set(range(10))
+
+
+def test_mnist5k_resize_and_num_val():
+    bundle = build_datasets("mnist5k", img_size=32, num_val=500)
+    assert (len(bundle.train), len(bundle.val)) == (4500, 500)
+    assert bundle.train[0][0].shape == (1, 32, 32) and bundle.img_size == 32
+
+
+# --------------------------------------------------------------------------- loaders
+
+
+def _indices(loader) -> list[int]:
+    return list(iter(loader.sampler))
+
+
+def test_train_ranks_are_disjoint_and_cover(mnist):
+    loaders = [build_loader(mnist.train, 64, train=True, rank=r, world_size=2, seed=3)
+               for r in range(2)]
+    first, second = (_indices(lo) for lo in loaders)
+    assert len(first) == len(second) == 2000
+    assert not set(first) & set(second)
+    assert set(first) | set(second) == set(range(len(mnist.train)))
+
+
+def test_train_padding_keeps_equal_counts():
+    dataset = build_datasets("synthetic", synthetic_size=10).train
+    parts = [_indices(build_loader(dataset, 2, train=True, rank=r, world_size=3))
+             for r in range(3)]
+    assert [len(p) for p in parts] == [4, 4, 4]
+    assert set().union(*parts) == set(range(10))
+
+
+def test_set_epoch_reshuffles_deterministically(mnist):
+    loader = build_loader(mnist.train, 64, train=True, seed=5)
+    epoch0 = _indices(loader)
+    set_loader_epoch(loader, 1)
+    epoch1 = _indices(loader)
+    assert epoch0 != epoch1 and sorted(epoch0) == sorted(epoch1)
+    twin = build_loader(mnist.train, 64, train=True, seed=5)
+    assert _indices(twin) == epoch0
+    set_loader_epoch(twin, 1)
+    assert _indices(twin) == epoch1
+    assert _indices(build_loader(mnist.train, 64, train=True, seed=6)) != epoch0
+
+
+def test_eval_loader_order_and_sharding(mnist):
+    loader = build_loader(mnist.val, 100, train=False)
+    assert not loader.drop_last
+    images, labels = next(iter(loader))
+    assert images.shape == (100, 1, 28, 28)
+    assert torch.equal(labels, mnist.val.targets[:100])
+    set_loader_epoch(loader, 3)  # no sampler.set_epoch: must be a no-op
+    shards = [_indices(build_loader(mnist.val, 100, train=False, rank=r, world_size=3))
+              for r in range(3)]
+    assert sorted(sum(shards, [])) == list(range(1000))  # every sample exactly once
+
+
+def test_train_loader_drops_last_and_rejects_bad_rank(mnist):
+    loader = build_loader(mnist.train, 300, train=True)
+    assert loader.drop_last and len(loader) == 4000 // 300
+    with pytest.raises(DataError, match="rank"):
+        build_loader(mnist.train, 8, train=True, rank=2, world_size=2)
+
+
+# --------------------------------------------------------------------------- image folders
+
+
+def test_imagefolder_batch_shape(tmp_path):
+    bundle = build_datasets("imagefolder", str(_make_tree(tmp_path)), img_size=16,
+                            aa="rand-m9-mstd0.5", reprob=0.25, color_jitter=0.4)
+    assert (bundle.num_classes, bundle.in_chans, bundle.img_size) == (3, 3, 16)
+    assert (len(bundle.train), len(bundle.val)) == (9, 9)
+    images, labels = next(iter(build_loader(bundle.train, 4, train=True)))
+    assert images.shape == (4, 3, 16, 16) and labels.shape == (4,)
+    images, _ = next(iter(build_loader(bundle.val, 9, train=False)))
+    assert images.shape == (9, 3, 16, 16)
+
+
+def test_missing_path_errors(tmp_path):
+    for path in (None, str(tmp_path / "nowhere")):
+        with pytest.raises(DataError, match="pass --data PATH"):
+            build_datasets("imagenet", path)
+
+
+def test_missing_split_folder(tmp_path):
+    _make_tree(tmp_path, splits=("train",))
+    with pytest.raises(DataError, match=r"val.*train/ and val/"):
+        build_datasets("imagefolder", str(tmp_path), img_size=16)
+
+
+def test_no_class_folders(tmp_path):
+    (tmp_path / "train").mkdir()
+    (tmp_path / "val").mkdir()
+    with pytest.raises(DataError, match="no class folders in .*train"):
+        build_datasets("imagefolder", str(tmp_path), img_size=16)
+
+
+def test_class_folder_without_images(tmp_path):
+    _make_tree(tmp_path)
+    (tmp_path / "train" / "empty").mkdir()
+    (tmp_path / "val" / "empty").mkdir()
+    with pytest.raises(DataError, match="no images found in .*train"):
+        build_datasets("imagefolder", str(tmp_path), img_size=16)
+
+
+def test_class_mismatch_names_difference(tmp_path):
+    _make_tree(tmp_path)
+    (tmp_path / "val" / "fox").rename(tmp_path / "val" / "wolf")
+    with pytest.raises(DataError, match=r"only in train \['fox'\], only in val \['wolf'\]"):
+        build_datasets("imagefolder", str(tmp_path), img_size=16)
+
+
+def _tree_with_corrupt_file(root: Path) -> Path:
+    _make_tree(root, per_class=2)
+    (root / "train" / "cat" / "bad.png").write_bytes(os.urandom(64))
+    return root
+
+
+def _bad_index(dataset) -> int:
+    return [os.path.basename(p) for p, _ in dataset.samples].index("bad.png")
+
+
+def test_corrupt_image_fail_names_file(tmp_path):
+    bundle = build_datasets("imagefolder", str(_tree_with_corrupt_file(tmp_path)),
+                            img_size=16)
+    with pytest.raises(DataError, match="bad.png.*corrupt_images: skip"):
+        bundle.train[_bad_index(bundle.train)]
+
+
+def test_corrupt_image_skip_warns_once(tmp_path, caplog):
+    bundle = build_datasets("imagefolder", str(_tree_with_corrupt_file(tmp_path)),
+                            img_size=16, corrupt_images="skip")
+    bad = _bad_index(bundle.train)
+    with caplog.at_level(logging.WARNING, logger="dsnet.data"):
+        image, label = bundle.train[bad]
+        bundle.train[bad]
+    # The next sample is served: "bad.png" sorts last in "cat", so it is a "dog" (1).
+    assert image.shape == (3, 16, 16) and label == 1
+    assert bundle.train.skipped == 2
+    assert sum("bad.png" in r.getMessage() for r in caplog.records) == 1
+    batches = list(build_loader(bundle.train, 7, train=False))
+    assert sum(len(b[1]) for b in batches) == len(bundle.train)
+
+
+def test_bad_options_raise(tmp_path):
+    root = str(_make_tree(tmp_path))
+    with pytest.raises(DataError, match="corrupt_images"):
+        build_datasets("imagefolder", root, corrupt_images="ignore")
+    with pytest.raises(DataError, match="aa="):
+        build_datasets("imagefolder", root, aa="autoaugment")
+    with pytest.raises(DataError, match="interpolation"):
+        build_datasets("imagefolder", root, interpolation="lanczos7")
+    with pytest.raises(DataError, match="num_classes is 5"):
+        build_datasets("imagefolder", root, img_size=16, num_classes=5)
+
+
+# --------------------------------------------------------------------------- cifar, synthetic
+
+
+@pytest.mark.parametrize("name", ["cifar10", "cifar100"])
+def test_cifar_offline_error(tmp_path, name):
+    with pytest.raises(DataError, match=r"download: true.*data:"):
+        build_datasets(name, str(tmp_path), download=False)
+
+
+def test_synthetic_shapes_and_determinism():
+    bundle = build_datasets("synthetic", img_size=24, synthetic_size=64, num_classes=7)
+    assert (len(bundle.train), len(bundle.val)) == (64, 16)
+    assert (bundle.num_classes, bundle.in_chans, bundle.img_size) == (7, 3, 24)
+    image, label = bundle.train[5]
+    assert image.shape == (3, 24, 24) and 0 <= label < 7
+    assert torch.equal(build_datasets("synthetic", img_size=24, synthetic_size=64,
+                                      num_classes=7).train[5][0], image)
+    default = build_datasets("synthetic")
+    assert default.train[0][0].shape == (3, 32, 32) and default.num_classes == 10
+
+
+def test_unknown_dataset_lists_choices():
+    with pytest.raises(DataError, match="choose one of") as info:
+        build_datasets("mnist60k")
+    assert all(name in str(info.value) for name in DATASETS)

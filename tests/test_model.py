@@ -1,0 +1,245 @@
+"""Model library: key parity, MAdds table, slicing == dense, dynamic routing, errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import dsnet
+from dsnet.export import export_subnet
+
+DATA = Path(__file__).parent / "data"
+RELEASE_MADDS = [132_890_144, 152_917_184, 175_151_968, 199_594_496, 226_244_768,
+                 255_102_784, 286_168_544, 319_442_048, 354_923_296, 392_612_288,
+                 432_509_024, 474_613_504, 518_925_728, 565_445_696]
+
+
+def reference_keys() -> list[tuple[str, list[int]]]:
+    return [(k, s) for k, s in json.loads((DATA / "ds_mbnet_v1_state_dict_keys.json")
+                                          .read_text())["keys"]]
+
+
+def randomize_bn_stats(model: torch.nn.Module, seed: int = 0) -> None:
+    """Give every per-width BN distinct running statistics so a wrong index shows."""
+    g = torch.Generator().manual_seed(seed)
+    for name, buf in model.named_buffers():
+        if name.endswith("running_mean"):
+            buf.copy_(torch.randn(buf.shape, generator=g) * 0.1)
+        elif name.endswith("running_var"):
+            buf.copy_(torch.rand(buf.shape, generator=g) + 0.5)
+
+
+def small_model(**kw) -> dsnet.DSNet:
+    torch.manual_seed(0)
+    model = dsnet.create_model("ds_mbnet_small", **kw)
+    randomize_bn_stats(model)
+    return model.eval()
+
+
+@pytest.mark.parametrize("name", ["ds_mbnet_v1", "slimmable_mbnet_v1_bn_uniform"])
+def test_state_dict_matches_release_keys_and_shapes(name):
+    model = dsnet.create_model(name, num_classes=1000)
+    mine = [(k, list(v.shape)) for k, v in model.state_dict().items()]
+    assert mine == reference_keys()
+
+
+def test_madds_table_matches_release():
+    model = dsnet.create_model("ds_mbnet_v1")
+    assert [dsnet.count_madds(model, c, 224) for c in range(14)] == RELEASE_MADDS
+    assert dsnet.count_madds(model, "largest", 224) == 819_883_136
+    assert dsnet.count_madds(model, "smallest") == RELEASE_MADDS[0]
+
+
+@pytest.mark.parametrize("name", dsnet.list_models())
+@pytest.mark.parametrize("size", [32, 64])
+def test_madds_monotone_for_every_model_and_size(name, size):
+    model = dsnet.create_model(name)
+    counts = [dsnet.count_madds(model, c, size) for c in range(model.num_subnets)]
+    assert counts == sorted(counts) and len(set(counts)) == len(counts)
+    assert dsnet.count_madds(model, "largest", size) > counts[-1]
+
+
+def test_madds_counts_real_conv_work():
+    """Cross-check the analytic count against a hook-based count of the actual forward."""
+    model = small_model()
+    total = 0
+
+    def conv_hook(module, inputs, output):
+        nonlocal total
+        w = module.weight
+        # Sliced weights: count with the running (input, output) channels of this call.
+        c_in, c_out = inputs[0].size(1), output.size(1)
+        groups = c_in if module.groups > 1 else 1
+        total += c_in * c_out * w.size(2) * w.size(3) * output.size(2) * output.size(3) // groups
+
+    hooks = [m.register_forward_hook(conv_hook) for m in model.modules()
+             if isinstance(m, torch.nn.Conv2d) and m is not model.gate_head.gate[0]]
+    model(torch.randn(1, 1, 28, 28), subnet=5)
+    for h in hooks:
+        h.remove()
+    # Add pools (attention + global) and classifier, which are not convolutions.
+    widths = model.arch.uniform_widths(5)
+    analytic = dsnet.count_madds(model, 5, 28)
+    assert total < analytic and analytic - total < 60_000
+    assert widths[-1] * model.num_classes < analytic - total
+
+
+@pytest.mark.parametrize("name", dsnet.list_models())
+def test_every_model_runs_every_mode(name):
+    model = dsnet.create_model(name, num_classes=7).eval()
+    size = model.arch.img_size if name != "ds_mbnet_v1" else 64
+    x = torch.randn(2, model.in_chans, size, size)
+    for subnet in ["largest", "smallest", 0, model.num_subnets - 1, "dynamic"]:
+        assert model(x, subnet=subnet).shape == (2, 7)
+
+
+@pytest.mark.parametrize("subnet", ["largest", 0, 6, 13])
+def test_sliced_forward_equals_dense_network(subnet):
+    model = small_model()
+    dense = export_subnet(model, subnet)
+    assert all(type(m).__module__.startswith(("torch.nn", "dsnet.export"))
+               for m in dense.modules())
+    x = torch.randn(4, 1, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, subnet=subnet), dense(x), rtol=1e-4, atol=1e-5)
+
+
+def test_export_is_scriptable():
+    model = small_model()
+    scripted = torch.jit.script(export_subnet(model, 3))
+    x = torch.randn(2, 1, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(scripted(x), model(x, subnet=3), rtol=1e-4, atol=1e-5)
+
+
+def test_narrow_width_uses_first_filters_without_copy():
+    model = small_model()
+    seen = []
+    conv = model.blocks[4].first_block.conv_pw
+    conv.register_forward_hook(lambda m, i, o: seen.append(o.size(1)))
+    model(torch.randn(1, 1, 28, 28), subnet=2)
+    assert seen == [model.arch.stages[4].widths[2]]
+    view = conv.weight[:seen[0]]
+    assert view.data_ptr() == conv.weight.data_ptr()  # a contiguous slice is a view
+
+
+def test_width_travels_with_the_call():
+    """No hidden mode state: call order must not change results."""
+    model = small_model()
+    x = torch.randn(3, 1, 28, 28)
+    with torch.no_grad():
+        a = model(x, subnet=4)
+        model(x, subnet="largest")
+        model(x, subnet="dynamic")
+        b = model(x, subnet=4)
+    assert torch.equal(a, b)
+
+
+def diversify_gate(model: dsnet.DSNet, x: torch.Tensor) -> None:
+    """Point each slimming-head row at one sample's reduced features (minus the batch mean),
+    so the batch ``x`` is routed to several subnets."""
+    captured = []
+    hook = model.gate_head.gate[0].register_forward_hook(
+        lambda m, i, o: captured.append(i[0].flatten(1)))
+    with torch.no_grad():
+        model(x, subnet="dynamic")
+        hook.remove()
+        mean = captured[0].mean(0)                                  # (r,)
+        feats = captured[0] - mean                                  # (B, r)
+        feats -= (feats @ mean / mean.dot(mean)).unsqueeze(1) * mean  # orthogonal to mean
+        k = model.gate_head.gate[0].weight.size(0)
+        rows = feats[torch.linspace(0, len(x) - 1, k).long()]
+        model.gate_head.gate[0].weight.copy_((rows * 100).view_as(model.gate_head.gate[0].weight))
+        choices = model(x, subnet="dynamic", return_choices=True)[1]
+    assert len(set(choices.tolist())) >= 3, choices
+
+
+def test_dynamic_matches_chosen_subnet_per_sample_eval():
+    model = small_model()
+    x = torch.randn(16, 1, 28, 28) * torch.linspace(0.2, 3, 16).view(16, 1, 1, 1)
+    diversify_gate(model, x)
+    with torch.no_grad():
+        logits, choices = model(x, subnet="dynamic", return_choices=True)
+        assert set(choices.tolist()) <= set(model.routing_space)
+        for i in range(len(x)):
+            single = model(x[i:i + 1], subnet=int(choices[i]))
+            torch.testing.assert_close(logits[i:i + 1], single, rtol=1e-4, atol=1e-5)
+
+
+def test_dynamic_eval_is_deterministic():
+    model = small_model()
+    x = torch.randn(8, 1, 28, 28)
+    with torch.no_grad():
+        a = model(x, subnet="dynamic", return_choices=True)
+        b = model(x, subnet="dynamic", return_choices=True)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def test_dynamic_train_mode_routes_per_sample_and_grads_reach_head():
+    model = small_model()
+    model.gate_head.train()  # Gumbel sampling; BN stays in eval mode
+    x = torch.randn(8, 1, 28, 28)
+    out = model.forward_dynamic(x)
+    assert torch.allclose(out.gate_weights.sum(1), torch.ones(8))
+    for i in range(8):
+        with torch.no_grad():
+            single = model(x[i:i + 1], subnet=int(out.choices[i]))
+        torch.testing.assert_close(out.logits[i:i + 1].detach(), single, rtol=1e-4, atol=1e-5)
+    out.logits.logsumexp(1).sum().backward()
+    grad = model.gate_head.gate[0].weight.grad
+    assert grad is not None and grad.abs().sum() > 0
+
+
+def test_routing_space_is_settable_and_head_follows():
+    model = small_model()
+    model.routing_space = (2, 5, 9, 11, 13)
+    assert model.gate_head.gate[0].weight.shape[0] == 5
+    _, choices = model(torch.randn(4, 1, 28, 28), subnet="dynamic", return_choices=True)
+    assert set(choices.tolist()) <= {2, 5, 9, 11, 13}
+    with pytest.raises(ValueError, match="routing_space"):
+        model.routing_space = (3, 1)
+    with pytest.raises(ValueError, match="routing_space"):
+        model.routing_space = (0, 14)
+
+
+@pytest.mark.parametrize("bad", [14, -1, "medium", 2.0, True, None.__class__])
+def test_invalid_subnet_raises_with_valid_range(bad):
+    model = small_model()
+    with pytest.raises(ValueError, match=r"\[0, 13\]"):
+        model(torch.randn(1, 1, 28, 28), subnet=bad)
+
+
+def test_unknown_model_lists_valid_names():
+    with pytest.raises(ValueError, match="ds_mbnet_v1") as err:
+        dsnet.create_model("ds_mbnet_v2")
+    assert "Did you mean" in str(err.value)
+    assert {"ds_mbnet_v1", "ds_mbnet_small"} <= set(dsnet.list_models())
+
+
+def test_largest_is_default_and_dropout_only_on_largest():
+    model = small_model(drop_rate=0.5)
+    model.train()
+    x = torch.randn(4, 1, 28, 28)
+    torch.manual_seed(1)
+    a = model(x)
+    torch.manual_seed(2)
+    b = model(x)
+    assert not torch.equal(a, b)  # dropout active on the largest network
+    model.eval()
+    torch.testing.assert_close(model(x), model(x, subnet="largest"))
+
+
+def test_initialisation_follows_release_scheme():
+    torch.manual_seed(0)
+    model = dsnet.create_model("ds_mbnet_v1")
+    w = model.blocks[3].residual_blocks[0].conv_pw.weight  # fan_out = 640
+    assert abs(w.std().item() - (2 / 640) ** 0.5) < 0.002
+    dw = model.blocks[3].first_block.conv_dw.weight        # depthwise: fan_out = 9
+    assert abs(dw.std().item() - (2 / 9) ** 0.5) < 0.03
+    bound = 1 / 1000 ** 0.5
+    assert model.classifier.weight.abs().max() <= bound and model.classifier.bias.abs().sum() == 0
+    bn = model.blocks[0].first_block.bn2.aux_bn[-1]
+    assert torch.all(bn.weight == 1) and torch.all(bn.bias == 0)
