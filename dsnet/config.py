@@ -128,6 +128,7 @@ class StageConfig:
     complexity_weight: float = 0.5
     complexity_form: str = "square"  # square | target
     target_madds: float | None = None  # required by complexity_form: target
+    madds_unit: float = 1e9  # the penalty reads MAdds in this unit (release: 1e9 = GMAdds)
     gumbel_tau: float = 1.0
     gate_ema: bool = True
     # logging and evaluation
@@ -169,6 +170,7 @@ _POSITIVE = ((lambda v: v > 0), "> 0")
 _FRACTION = ((lambda v: 0 <= v < 1), "in [0, 1)")
 _STAGE_RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "lr": _POSITIVE, "gumbel_tau": _POSITIVE, "target_madds": _POSITIVE,
+    "madds_unit": _POSITIVE,
     "drop": _FRACTION, "drop_path": _FRACTION, "smoothing": _FRACTION,
     "model_ema_decay": ((lambda v: 0 < v < 1), "in (0, 1)"),
     "reprob": ((lambda v: 0 <= v <= 1), "in [0, 1]"),

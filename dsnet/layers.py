@@ -124,10 +124,14 @@ class DSBatchNorm2d(nn.Module):
         stats = self.bn_for_width(c)
         shared = self.aux_bn[-1]
         # As the release: every width (the widest too) normalises with its own running
-        # statistics, the shared affine's first c entries and the shared momentum/eps;
-        # num_batches_tracked is left alone (momentum is always set).
+        # statistics, the shared affine's first c entries and the shared momentum/eps.
+        momentum = shared.momentum
+        if self.training and momentum is None:
+            # Cumulative average (BN recalibration), counted per width like nn.BatchNorm.
+            stats.num_batches_tracked.add_(1)
+            momentum = 1.0 / float(stats.num_batches_tracked)
         return F.batch_norm(x, stats.running_mean, stats.running_var, shared.weight[:c],
-                            shared.bias[:c], self.training, shared.momentum, shared.eps)
+                            shared.bias[:c], self.training, momentum, shared.eps)
 
 
 class DSLinear(nn.Linear):

@@ -89,12 +89,15 @@ class DynamicOutput:
         gate_weights: (B, K) the one-hot actually applied: straight-through Gumbel-softmax
             in train mode (carries gradients to the head), plain one-hot in eval mode.
         choices: (B,) chosen subnet index per sample (values of the routing space).
+        tail_logits: train mode only: (B, K, num_classes) logits of every routed subnet
+            (gate training reads the slimmest one's for its SGS targets); None in eval.
     """
 
     logits: torch.Tensor
     gate_logits: torch.Tensor
     gate_weights: torch.Tensor
     choices: torch.Tensor
+    tail_logits: torch.Tensor | None = None
 
 
 def straight_through_gumbel(logits: torch.Tensor, tau: float = 1.0) -> torch.Tensor:
@@ -250,7 +253,7 @@ class DSNet(nn.Module):
             weights = straight_through_gumbel(gate_logits, gumbel_tau)      # (B, K)
             tails = torch.stack([self.forward_tail(feats, c) for c in self.routing_space], 1)
             logits = (weights.unsqueeze(-1) * tails).sum(1)                 # (B, classes)
-            return DynamicOutput(logits, gate_logits, weights, space[weights.argmax(1)])
+            return DynamicOutput(logits, gate_logits, weights, space[weights.argmax(1)], tails)
         index = gate_logits.argmax(dim=1)                                  # (B,)
         weights = F.one_hot(index, len(self.routing_space)).to(gate_logits.dtype)
         logits = self._grouped_tails(feats, index)

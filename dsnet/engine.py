@@ -1,0 +1,219 @@
+"""Run one training stage (supernet, reset_bn, gate) in this process.
+
+``run_stage(cfg, dist=..., hooks=...)`` is the single entry point that both the in-process
+command (``python -m dsnet.train``) and the Ray Train workers (``pipelines``) call: it
+builds data and model from a :class:`~dsnet.config.StageConfig`, restores a checkpoint if
+asked, runs the stage's epochs, calls the hooks after every epoch (progress, checkpoints,
+Ray reports) and returns the final evaluation.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dsnet.checkpoint import (
+    CheckpointError,
+    extract_state_dict,
+    load_state_dict_checked,
+    read_checkpoint,
+    save_checkpoint,
+)
+from dsnet.config import StageConfig, config_to_dict
+from dsnet.data import DataBundle, build_datasets
+from dsnet.distributed import DistContext
+from dsnet.registry import create_model
+
+STAGE_ORDER = ("supernet", "reset_bn", "gate")
+
+
+@dataclass
+class EpochReport:
+    """What one finished epoch measured (``epoch`` is 0-based)."""
+
+    stage: str
+    epoch: int
+    epochs: int
+    metrics: dict[str, float]
+
+
+class Hook:
+    """Called by :func:`run_stage` on every rank after every epoch; override what you need."""
+
+    def on_epoch_end(self, report: EpochReport, save: Callable[[Path], None]) -> None:
+        """``save(path)`` writes the stage's full checkpoint; call it on rank 0 only."""
+
+
+@dataclass
+class StageResult:
+    """The outcome of a stage (JSON-able except ``checkpoint``)."""
+
+    stage: str
+    metrics: dict[str, float]
+    checkpoint: dict | None = None
+    subnets: list[dict] | None = None
+    dynamic: dict | None = None
+    epochs_run: list[int] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Everything but the checkpoint payload."""
+        d = asdict(self)
+        d.pop("checkpoint")
+        return d
+
+
+def format_report(report: EpochReport) -> str:
+    """One progress line: stage, epoch, loss, top-1, MAdds, throughput, ETA."""
+    m = report.metrics
+    eta = int(m.get("eta_s", 0))
+    return (f"[{report.stage}] epoch {report.epoch + 1}/{report.epochs} "
+            f"loss {m.get('loss', float('nan')):.4f} top1 {m.get('top1', float('nan')):.2f} "
+            f"madds {m.get('madds', 0) / 1e6:.2f}M img/s {m.get('img_per_s', 0):.0f} "
+            f"eta {eta // 3600}:{eta % 3600 // 60:02d}:{eta % 60:02d}")
+
+
+class ConsoleHook(Hook):
+    """Prints :func:`format_report` on rank 0."""
+
+    def __init__(self, rank: int = 0) -> None:
+        self.rank = rank
+
+    def on_epoch_end(self, report: EpochReport, save: Callable[[Path], None]) -> None:
+        if self.rank == 0:
+            print(format_report(report), flush=True)
+
+
+class CheckpointHook(Hook):
+    """Writes ``<folder>/checkpoint.pt`` (latest epoch) on rank 0, atomically."""
+
+    def __init__(self, folder: str | Path, rank: int = 0) -> None:
+        self.path = Path(folder) / "checkpoint.pt"
+        self.rank = rank
+
+    def on_epoch_end(self, report: EpochReport, save: Callable[[Path], None]) -> None:
+        if self.rank == 0:
+            save(self.path)
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> CUDA when available, else CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} requested but no CUDA device is available")
+    return torch.device(name)
+
+
+def build_data(cfg: StageConfig) -> DataBundle:
+    """The stage's data sets, from the config."""
+    return build_datasets(
+        cfg.dataset, cfg.data, img_size=cfg.img_size, download=cfg.download,
+        num_val=cfg.num_val, seed=cfg.seed, aa=cfg.aa or "", reprob=cfg.reprob,
+        remode=cfg.remode, color_jitter=cfg.color_jitter, corrupt_images=cfg.corrupt_images,
+        synthetic_size=cfg.synthetic_size,
+        num_classes=cfg.num_classes if cfg.dataset == "synthetic" else None)
+
+
+def build_model(cfg: StageConfig, data: DataBundle) -> torch.nn.Module:
+    """A freshly initialised supernet for the config and data (seeded: same on every rank)."""
+    torch.manual_seed(cfg.seed)
+    return create_model(cfg.model, num_classes=cfg.num_classes or data.num_classes,
+                        in_chans=cfg.in_chans or data.in_chans, drop_rate=cfg.drop)
+
+
+def load_weights(model: torch.nn.Module, path: str | Path,
+                 use_ema: bool = False) -> dict[str, Any]:
+    """Initialise ``model`` from a previous stage's (or the release's) checkpoint."""
+    ckpt = read_checkpoint(path)
+    if ckpt.get("routing_space"):
+        model.routing_space = tuple(ckpt["routing_space"])
+    else:
+        _match_head_size(model, ckpt)
+    load_state_dict_checked(model, extract_state_dict(ckpt, use_ema, str(path)), True, str(path))
+    return ckpt
+
+
+def _match_head_size(model: torch.nn.Module, ckpt: dict[str, Any]) -> None:
+    """The release records no routing space: size the head like its stored weight."""
+    state = ckpt.get("state_dict", ckpt)
+    key = next((k for k in state if k.endswith(".gate.gate.0.weight")), None)
+    if key is not None and hasattr(model, "routing_space"):
+        k = state[key].shape[0]
+        if k != len(model.routing_space) and k <= model.num_subnets:
+            model.routing_space = tuple(range(k))
+
+
+def run_stage(cfg: StageConfig, *, dist: DistContext | None = None, hooks: Sequence[Hook] = (),
+              resume_from: str | Path | None = None,
+              init_from: str | Path | None = None) -> StageResult:
+    """Run the stage named by ``cfg.stage``.
+
+    Args:
+        cfg: the resolved stage config.
+        dist: rank/world/device (default: from ``torch.distributed``, device from config).
+        hooks: called after every epoch on every rank.
+        resume_from: a checkpoint written by this stage's ``save``: continue after its epoch.
+        init_from: the previous stage's checkpoint (weights); default ``cfg.resume``.
+
+    Returns:
+        The stage's final metrics (and, for reset_bn/gate, the subnet and dynamic tables).
+    """
+    from dsnet.stages import make_runner
+
+    dist = dist or DistContext.from_environment(resolve_device(cfg.device))
+    data = build_data(cfg)
+    model = build_model(cfg, data)
+    init = init_from or cfg.resume or None
+    if cfg.stage != "supernet" and not init and not resume_from:
+        raise CheckpointError(f"the {cfg.stage} stage needs the previous stage's checkpoint: "
+                              "set resume: in the config or pass --resume CHECKPOINT")
+    init_ckpt = load_weights(model, init) if init else None
+    _check_stage_order(cfg.stage, init_ckpt, init)
+    runner = make_runner(cfg, model.to(dist.device), data, dist, init_ckpt)
+    start = runner.resume(read_checkpoint(resume_from)) if resume_from else 0
+    return _epoch_loop(cfg, runner, hooks, start)
+
+
+def _check_stage_order(stage: str, ckpt: dict | None, path: Any) -> None:
+    """Refuse a checkpoint from a later stage given to an earlier one."""
+    done = (ckpt or {}).get("stage")
+    if done in STAGE_ORDER and STAGE_ORDER.index(done) > STAGE_ORDER.index(stage):
+        raise CheckpointError(f"{path} comes from the {done} stage, which runs after {stage}; "
+                              f"give the {stage} stage a checkpoint of an earlier stage")
+
+
+def _epoch_loop(cfg: StageConfig, runner: Any, hooks: Sequence[Hook], start: int) -> StageResult:
+    epochs, started, metrics, done = runner.epochs, time.perf_counter(), {}, []
+    for epoch in range(start, epochs):
+        t0 = time.perf_counter()
+        metrics = runner.train_epoch(epoch)
+        metrics.update(runner.validate())
+        elapsed = time.perf_counter() - started
+        metrics["epoch_s"] = time.perf_counter() - t0
+        metrics["eta_s"] = elapsed / (epoch + 1 - start) * (epochs - epoch - 1)
+        metrics["epoch"] = epoch
+        report = EpochReport(cfg.stage, epoch, epochs, metrics)
+        done.append(epoch)
+        save = functools.partial(runner.save, epoch=epoch, metrics=dict(metrics),
+                                 config=config_to_dict(cfg))
+        for hook in hooks:
+            hook.on_epoch_end(report, save)
+    subnets, dynamic = runner.finish()
+    return StageResult(cfg.stage, metrics, None, subnets, dynamic, done)
+
+
+def save_stage_checkpoint(path: Path, stage: str, model: torch.nn.Module, epoch: int,
+                          metrics: dict, config: dict, ema: Any = None,
+                          optimizer: torch.optim.Optimizer | None = None,
+                          extra: dict | None = None) -> None:
+    """The checkpoint every stage writes (model, EMA, optimizer, epoch, config, metrics)."""
+    save_checkpoint(path, model, stage=stage, epoch=epoch, config=config, metrics=metrics,
+                    ema_model=ema.module if ema is not None else None,
+                    optimizer_state=optimizer.state_dict() if optimizer is not None else None,
+                    extra=extra)

@@ -1,0 +1,247 @@
+"""Training algorithms: sampler, losses, EMA, BN recalibration, gate training, engine."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.data import TensorDataset
+
+import dsnet
+from dsnet.bn_calibration import recalibrate_bn
+from dsnet.config import stage_config_from_dict
+from dsnet.data import DataBundle
+from dsnet.distributed import DistContext
+from dsnet.ema import ModelEma
+from dsnet.engine import CheckpointHook, Hook, run_stage
+from dsnet.losses import complexity_loss, label_smoothing_ce, sgs_loss, sgs_targets, soft_target_ce
+from dsnet.optim import lr_at
+from dsnet.sampling import sandwich_subnets
+from dsnet.stages import make_runner, routing_space_for
+from tests.test_model import small_model
+
+
+def test_sandwich_sampler_is_identical_across_ranks_and_varies_by_step():
+    # Two "ranks" draw independently from (seed, step): identical without communication.
+    rank0 = [sandwich_subnets(7, s, 14, 2) for s in range(50)]
+    rank1 = [sandwich_subnets(7, s, 14, 2) for s in range(50)]
+    assert rank0 == rank1
+    assert len({tuple(x) for x in rank0}) > 20
+    assert all(0 <= c < 14 for pair in rank0 for c in pair)
+    state = torch.random.get_rng_state()
+    sandwich_subnets(7, 3, 14, 2)
+    assert torch.equal(state, torch.random.get_rng_state())  # global RNG untouched
+
+
+def test_label_smoothing_ce_hand_computed():
+    logits = torch.tensor([[2.0, 0.0]])
+    logp = F.log_softmax(logits, 1)[0]
+    expected = -(0.95 * logp[0] + 0.05 * logp[1])  # 0.1 smoothing over 2 classes
+    assert label_smoothing_ce(logits, torch.tensor([0]), 0.1).item() == pytest.approx(
+        expected.item(), rel=1e-6)
+
+
+def test_soft_target_ce_hand_computed():
+    logits = torch.tensor([[0.0, math.log(3.0)]])  # softmax = (0.25, 0.75)
+    target = torch.tensor([[0.5, 0.5]])
+    expected = -(0.5 * math.log(0.25) + 0.5 * math.log(0.75))
+    assert soft_target_ce(logits, target).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_sgs_targets_and_loss():
+    targets = sgs_targets(torch.tensor([True, False, True]), 4)
+    assert targets.tolist() == [0, 3, 0]
+    logits = torch.tensor([[3.0, 0.0, 0.0, 0.0]])
+    on_logits = sgs_loss(logits, torch.tensor([0]))
+    assert on_logits.item() == pytest.approx(-math.log(math.exp(3) / (math.exp(3) + 3)), rel=1e-6)
+    # The release's double softmax: CE of the probabilities, far flatter.
+    probs = logits.softmax(1)
+    expected = -F.log_softmax(probs, 1)[0, 0].item()
+    assert sgs_loss(logits, torch.tensor([0]), on_probs=True).item() == pytest.approx(expected)
+    assert sgs_loss(logits, torch.tensor([0]), on_probs=True) > on_logits
+
+
+def test_complexity_loss_forms():
+    madds = torch.tensor([2e8, 4e8])
+    assert complexity_loss(madds, 0.5).item() == pytest.approx(0.5 * 0.3 ** 2)
+    assert complexity_loss(madds, 2.0, "target", 2e8).item() == pytest.approx(2.0 * 0.1 ** 2)
+    with pytest.raises(ValueError, match="target_madds"):
+        complexity_loss(madds, 1.0, "target", None)
+
+
+def test_expected_madds_is_differentiable_through_one_hot():
+    per_choice = torch.tensor([1e6, 2e6, 4e6], dtype=torch.float64)
+    weights = torch.tensor([[0.2, 0.3, 0.5]], requires_grad=True)
+    madds = dsnet.expected_madds(weights, per_choice)
+    madds.sum().backward()
+    assert madds.item() == pytest.approx(0.2e6 + 0.6e6 + 2e6)
+    assert torch.allclose(weights.grad, per_choice.float().unsqueeze(0))
+
+
+def test_lr_schedule_warmup_then_cosine():
+    assert lr_at(0, 100, 10, 0.1, 1e-5) == pytest.approx(1e-5)
+    assert lr_at(5, 100, 10, 0.1, 0.0) == pytest.approx(0.05)
+    assert lr_at(10, 100, 10, 0.1) == pytest.approx(0.1)
+    assert lr_at(55, 100, 10, 0.1) == pytest.approx(0.05)
+    assert lr_at(100, 100, 10, 0.1) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_ema_update_hand_computed():
+    model = torch.nn.Linear(2, 1)
+    ema = ModelEma(model, decay=0.9)
+    before = ema.module.weight.clone()
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    ema.update(model)
+    torch.testing.assert_close(ema.module.weight, 0.9 * before + 0.1 * model.weight)
+    assert not ema.module.weight.requires_grad
+
+
+def test_bn_recalibration_matches_direct_statistics():
+    model = small_model()
+    model.train()
+    batches = [torch.randn(16, 1, 28, 28) for _ in range(3)]
+    recalibrate_bn(model, batches, subnets=[0])
+    # The stem's narrow BN sees conv_stem(x)[:, :8]: its statistics must be the mean over
+    # batches of each batch's channel mean / unbiased variance.
+    with torch.no_grad():
+        outs = [model.conv_stem(x, 8) for x in batches]
+    mean = torch.stack([o.mean((0, 2, 3)) for o in outs]).mean(0)
+    var = torch.stack([o.transpose(0, 1).reshape(8, -1).var(1, unbiased=True)
+                       for o in outs]).mean(0)
+    stats = model.bn1.aux_bn[0]
+    torch.testing.assert_close(stats.running_mean, mean, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(stats.running_var, var, rtol=1e-4, atol=1e-5)
+    # What it touched is restored: train flags and momentum.
+    assert model.training and model.bn1.aux_bn[-1].momentum == 0.1
+    model.eval()
+    recalibrate_bn(model, batches[:1], subnets=[0])
+    assert not model.training and not model.bn1.training
+
+
+def toy_bundle(x: torch.Tensor, y: torch.Tensor) -> DataBundle:
+    ds = TensorDataset(x, y)
+    return DataBundle(train=ds, val=ds, num_classes=10, in_chans=1, img_size=28, name="toy")
+
+
+def gate_cfg(**kw):
+    base = {"stage": "gate", "dataset": "synthetic", "epochs": 1, "batch_size": 32,
+            "lr": 0.2, "warmup_epochs": 0, "weight_decay": 0.0, "workers": 0,
+            "num_choice": 4, "complexity_weight": 0.0, "smoothing": 0.0, "seed": 0,
+            "validation_batch_size_multiplier": 1}
+    base.update(kw)
+    return stage_config_from_dict(base)
+
+
+def test_gate_training_freezes_everything_but_the_head():
+    model = small_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x, y = torch.randn(64, 1, 28, 28), torch.randint(0, 10, (64,))
+    runner = make_runner(gate_cfg(), model, toy_bundle(x, y), DistContext(), None)
+    runner.train_epoch(0)
+    head = "blocks.3.first_block.gate.gate.0.weight"
+    after = model.state_dict()
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert changed == [head]
+
+
+def test_sgs_gate_routes_hard_samples_wider():
+    """Known answer: labels make the slimmest subnet right on 'easy' inputs and wrong on
+    'hard' ones, and the two kinds look different; SGS must learn to tell them apart."""
+    torch.manual_seed(0)
+    model = small_model()
+    n = 256
+    easy = torch.randn(n, 1, 28, 28) * 0.5 + 1.0
+    hard = torch.randn(n, 1, 28, 28) * 0.5 - 1.0
+    # Calibrate BN on the data so the random network's features keep the difference.
+    recalibrate_bn(model, [torch.cat([easy[:64], hard[:64]])], ["largest", *range(14)])
+    with torch.no_grad():
+        y_easy = model(easy, subnet=0).argmax(1)                 # slimmest is right
+        y_hard = (model(hard, subnet=0).argmax(1) + 1) % 10      # slimmest is wrong
+    x, y = torch.cat([easy, hard]), torch.cat([y_easy, y_hard])
+    runner = make_runner(gate_cfg(epochs=4, lr=0.5, sgs_weight=1.0), model, toy_bundle(x, y),
+                         DistContext(), None)
+    for epoch in range(4):
+        runner.train_epoch(epoch)
+    model.eval()
+    with torch.no_grad():
+        _, c_easy = model(easy, subnet="dynamic", return_choices=True)
+        _, c_hard = model(hard, subnet="dynamic", return_choices=True)
+    wide_easy = (c_easy == 3).float().mean().item()
+    wide_hard = (c_hard == 3).float().mean().item()
+    # Measured: about 0.76 of the hard and 0.2 of the easy samples go to the widest choice.
+    assert wide_hard > 0.6 and wide_hard - wide_easy > 0.4, (wide_easy, wide_hard)
+
+
+def test_routing_space_from_start_chn_idx_and_bounds():
+    assert routing_space_for(gate_cfg(start_chn_idx=10), 14) == (10, 11, 12, 13)
+    with pytest.raises(ValueError, match="exceeds"):
+        routing_space_for(gate_cfg(start_chn_idx=11), 14)
+    model = small_model()
+    x, y = torch.randn(32, 1, 28, 28), torch.randint(0, 10, (32,))
+    runner = make_runner(gate_cfg(start_chn_idx=6), model, toy_bundle(x, y), DistContext(), None)
+    runner.train_epoch(0)  # the release breaks for start > 0; here it trains
+    assert model.routing_space == (6, 7, 8, 9)
+
+
+class Recorder(Hook):
+    def __init__(self):
+        self.epochs = []
+
+    def on_epoch_end(self, report, save):
+        self.epochs.append(report.epoch)
+
+
+def tiny_supernet_cfg(**kw):
+    base = {"stage": "supernet", "dataset": "mnist5k", "num_val": 200, "epochs": 2,
+            "batch_size": 64, "lr": 0.1, "warmup_epochs": 0, "workers": 0, "aa": "",
+            "reprob": 0.0, "color_jitter": 0.0, "model_ema_decay": 0.9, "seed": 1}
+    base.update(kw)
+    return stage_config_from_dict(base)
+
+
+def test_engine_checkpoints_resume_and_chain(tmp_path, monkeypatch):
+    # Cut mnist5k to 512 training images so the two epochs stay fast.
+    import dsnet.engine as engine
+
+    real = engine.build_data
+
+    def small_data(cfg):
+        bundle = real(cfg)
+        bundle.train = torch.utils.data.Subset(bundle.train, range(512))
+        return bundle
+
+    monkeypatch.setattr(engine, "build_data", small_data)
+    rec = Recorder()
+    cfg = tiny_supernet_cfg(epochs=1)
+    run_stage(cfg, hooks=[rec, CheckpointHook(tmp_path / "s")])
+    ckpt = dsnet.read_checkpoint(tmp_path / "s" / "checkpoint.pt")
+    assert ckpt["stage"] == "supernet" and ckpt["epoch"] == 0 and ckpt["optimizer"]
+    # Resume with more epochs: only epoch 1 runs.
+    rec2 = Recorder()
+    run_stage(tiny_supernet_cfg(epochs=2), hooks=[rec2],
+              resume_from=tmp_path / "s" / "checkpoint.pt")
+    assert rec.epochs == [0] and rec2.epochs == [1]
+    # Chaining: reset_bn from the supernet checkpoint produces the subnet table.
+    res = run_stage(tiny_supernet_cfg(stage="reset_bn", reset_bn_batches=2),
+                    init_from=tmp_path / "s" / "checkpoint.pt",
+                    hooks=[CheckpointHook(tmp_path / "r")])
+    assert len(res.subnets) == 15
+    # A later stage's checkpoint given to an earlier stage is refused.
+    with pytest.raises(dsnet.CheckpointError, match="runs after"):
+        run_stage(tiny_supernet_cfg(epochs=1), init_from=tmp_path / "r" / "checkpoint.pt")
+    with pytest.raises(dsnet.CheckpointError, match="needs the previous stage"):
+        run_stage(tiny_supernet_cfg(stage="gate", num_choice=4))
+
+
+def test_nan_loss_stops_with_a_clear_error(monkeypatch):
+    import dsnet.stages as stages
+
+    model = small_model()
+    x, y = torch.randn(32, 1, 28, 28), torch.randint(0, 10, (32,))
+    runner = make_runner(gate_cfg(), model, toy_bundle(x, y), DistContext(), None)
+    monkeypatch.setattr(stages, "label_smoothing_ce", lambda *a, **k: torch.tensor(float("nan")))
+    with pytest.raises(FloatingPointError, match="epoch 1 batch 0"):
+        runner.train_epoch(0)
