@@ -65,6 +65,7 @@ class StageConfig:
     num_val: int = 1000  # mnist5k validation images
     corrupt_images: str = "fail"  # fail | skip
     synthetic_size: int = 1024
+    random_shift: int = 0  # mnist5k training: random translation of up to N pixels
     # model
     model: str = "ds_mbnet_small"  # authors'
     num_classes: int | None = None  # None = the dataset's
@@ -176,7 +177,7 @@ _STAGE_RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "reprob": ((lambda v: 0 <= v <= 1), "in [0, 1]"),
     **{k: _at_least(0) for k in (
         "epochs", "start_epoch", "warmup_epochs", "warmup_lr", "weight_decay", "mixup",
-        "color_jitter", "workers", "num_random", "start_chn_idx", "sgs_weight",
+        "color_jitter", "workers", "random_shift", "num_random", "start_chn_idx", "sgs_weight",
         "complexity_weight", "seed")},
     **{k: _at_least(1) for k in (
         "batch_size", "optimizer_step", "validation_batch_size_multiplier", "num_val",

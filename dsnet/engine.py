@@ -116,7 +116,7 @@ def build_data(cfg: StageConfig) -> DataBundle:
         cfg.dataset, cfg.data, img_size=cfg.img_size, download=cfg.download,
         num_val=cfg.num_val, seed=cfg.seed, aa=cfg.aa or "", reprob=cfg.reprob,
         remode=cfg.remode, color_jitter=cfg.color_jitter, corrupt_images=cfg.corrupt_images,
-        synthetic_size=cfg.synthetic_size,
+        synthetic_size=cfg.synthetic_size, random_shift=cfg.random_shift,
         num_classes=cfg.num_classes if cfg.dataset == "synthetic" else None)
 
 

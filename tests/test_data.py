@@ -251,3 +251,17 @@ def test_unknown_dataset_lists_choices():
     with pytest.raises(DataError, match="choose one of") as info:
         build_datasets("mnist60k")
     assert all(name in str(info.value) for name in DATASETS)
+
+
+def test_mnist5k_random_shift_translates_training_images_only():
+    torch.manual_seed(0)
+    plain = build_datasets("mnist5k", num_val=1000)
+    shifted = build_datasets("mnist5k", num_val=1000, random_shift=2)
+    x0, y0 = plain.train[3]
+    views = [shifted.train[3][0] for _ in range(8)]
+    assert all(v.shape == x0.shape for v in views)
+    assert any(not torch.equal(v, x0) for v in views)
+    # A translation keeps the digit: same pixels, moved (the border holds background).
+    assert all(abs(v.max().item() - x0.max().item()) < 1e-6 for v in views)
+    assert torch.equal(shifted.val[3][0], plain.val[3][0])
+    assert shifted.train[3][1] == y0

@@ -245,3 +245,17 @@ def test_nan_loss_stops_with_a_clear_error(monkeypatch):
     monkeypatch.setattr(stages, "label_smoothing_ce", lambda *a, **k: torch.tensor(float("nan")))
     with pytest.raises(FloatingPointError, match="epoch 1 batch 0"):
         runner.train_epoch(0)
+
+
+def test_single_process_command_runs_three_stages(tmp_path, capsys):
+    from dsnet.train import main
+
+    code = main(["-c", "configs/tiny.yml", "--output", str(tmp_path), "--name", "t"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "[supernet] epoch 1/1" in out and "[gate] epoch 1/1" in out and "dynamic" in out
+    results = tmp_path / "t" / "results"
+    for name in ("subnets.csv", "dynamic.csv", "accuracy_madds.png", "dsnet_final.pt"):
+        assert (results / name).is_file()
+    model, meta = dsnet.model_from_checkpoint(results / "dsnet_final.pt")
+    assert meta["stage"] == "gate" and model.routing_space == (0, 1, 2, 3)
