@@ -113,8 +113,9 @@ class SupernetRunner(StageRunner):
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(self.params, self.cfg.opt, self.cfg.lr,
                                          self.cfg.weight_decay)
-        uses_teacher = self.cfg.distill == "ieb"
-        if self.cfg.model_ema or uses_teacher:
+        # The authors' `inplace_bootstrap: false` switches distillation off altogether.
+        self.distill = self.cfg.distill if self.cfg.inplace_bootstrap else "none"
+        if self.cfg.model_ema or self.distill == "ieb":
             self.ema = ModelEma(self.model, self.cfg.model_ema_decay)
 
     def train_epoch(self, epoch: int) -> dict[str, float]:
@@ -132,7 +133,7 @@ class SupernetRunner(StageRunner):
     def teacher_probs(self, x: torch.Tensor, largest_logits: torch.Tensor,
                       subnets: list[int]) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
         """Soft targets of the largest and of each random subnet (None: no distillation)."""
-        mode = self.cfg.distill
+        mode = self.distill
         if mode == "none":
             return None, []
         if mode == "inplace":  # the live largest network's output, detached
@@ -254,8 +255,9 @@ class GateRunner(StageRunner):
         super().__init__(*args)
         space = routing_space_for(self.cfg, self.model.num_subnets)
         if space != self.model.routing_space:
-            self.model.routing_space = space
+            self.model.routing_space = space  # a new head: start every rank from rank 0's
         self.model.to(self.device)
+        self.dist.broadcast_(self.model.gate_parameters())
         self.model.requires_grad_(False)
         self.params = self.model.gate_parameters()
         for p in self.params:
