@@ -1,0 +1,304 @@
+"""Command-line plumbing shared by ``pipelines.full`` and the single-stage commands.
+
+Everything that can be checked without Ray (arguments, configs, input files) is checked
+before Ray starts. Errors print one or two lines on stderr (a traceback with ``--debug``)
+and set the exit code:
+
+* 2: usage or configuration (bad flag, unknown ``--set`` key, missing config file or
+  input checkpoint, a resource request the cluster can never meet);
+* 1: a runtime failure (a stage failed: the failing workers' errors are summarised);
+* 130: interrupted (Ctrl-C or SIGTERM); the message gives the command that resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import shlex
+import signal
+import sys
+import time
+import traceback
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from dsnet.checkpoint import CheckpointError
+from dsnet.config import (
+    ConfigError,
+    RayConfig,
+    StageConfig,
+    load_pipeline_config,
+    load_stage_config,
+    ray_config_from_dict,
+    validate_ray,
+)
+from dsnet.data import DataError
+from dsnet.evaluate import format_table, write_results
+from pipelines.run_record import RunRecord
+from pipelines.runtime import (
+    REPO_ROOT,
+    RaySession,
+    ResourceError,
+    attaching,
+    check_local_gpu,
+    trap_sigterm,
+)
+from pipelines.stage import StageFailed, error_summary, run_stages
+
+DEFAULT_CONFIG = REPO_ROOT / "configs" / "default.yml"
+# Datasets read from ``data``; the others are built in memory.
+_FOLDER_DATASETS = ("imagenet", "imagefolder", "cifar10", "cifar100")
+
+
+class UsageError(Exception):
+    """A bad command line (argparse's errors are turned into this)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises instead of printing the usage block and exiting."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(f"{message} (see --help)")
+
+
+@dataclass
+class Plan:
+    """What a command will run: the stages in order, Ray settings, and where."""
+
+    stages: dict[str, StageConfig]
+    ray: RayConfig
+    run_dir: Path
+
+
+# ----------------------------------------------------------------------------- parsers
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--output", metavar="DIR",
+                   help="parent folder of run folders (default: the config's output)")
+    p.add_argument("--name", help="run folder name; re-using one resumes that run")
+    p.add_argument("--num-workers", type=int, metavar="N",
+                   help="Ray Train workers per stage (0 = in-process, no Ray)")
+    p.add_argument("--use-gpu", action="store_true", help="one GPU per worker (NCCL)")
+    p.add_argument("--set", dest="overrides", action="append", default=[],
+                   metavar="KEY=VALUE", help="override a config key (repeatable)")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+
+
+def full_parser() -> argparse.ArgumentParser:
+    """The parser of ``python -m pipelines.full``."""
+    p = _Parser(prog="python -m pipelines.full",
+                description="DS-Net's three stages (supernet -> reset_bn -> gate) on Ray.")
+    p.add_argument("-c", "--config", default=str(DEFAULT_CONFIG),
+                   help="pipeline YAML (default: configs/default.yml)")
+    p.add_argument("--data", metavar="PATH", help="dataset folder, for every stage")
+    _add_common(p)
+    return p
+
+
+def stage_parser(stage: str) -> argparse.ArgumentParser:
+    """The parser of ``python -m pipelines.<stage>`` (the authors' command line)."""
+    p = _Parser(prog=f"python -m pipelines.{stage}",
+                description=f"DS-Net's {stage} stage on Ray (the authors' YAMLs work as-is).")
+    p.add_argument("-c", "--config", required=True, help="stage YAML")
+    p.add_argument("data", nargs="?", metavar="DATA_PATH", help="dataset folder")
+    p.add_argument("--resume", metavar="CKPT",
+                   help="input checkpoint (the previous stage's, or the authors' release)")
+    _add_common(p)
+    return p
+
+
+# ----------------------------------------------------------------------------- plans
+
+
+def _ray_from_flags(ray_cfg: RayConfig, args: argparse.Namespace) -> RayConfig:
+    if args.num_workers is not None:
+        ray_cfg.num_workers = args.num_workers
+    if args.use_gpu:
+        ray_cfg.use_gpu = True
+    return validate_ray(ray_cfg)
+
+
+def _absolute_paths(stages: dict[str, StageConfig]) -> dict[str, StageConfig]:
+    """Make existing relative ``data``/``resume`` paths absolute: Ray Train workers run in
+    a session folder of their own, not in the driver's working directory."""
+    for cfg in stages.values():
+        for key in ("data", "resume"):
+            value = getattr(cfg, key)
+            if value and not Path(value).is_absolute() and Path(value).exists():
+                setattr(cfg, key, str(Path(value).resolve()))
+    return stages
+
+
+def plan_full(args: argparse.Namespace) -> Plan:
+    """Load the pipeline config with ``--set`` and the flags applied."""
+    cfg = load_pipeline_config(args.config, args.overrides)
+    if args.data is not None:
+        for stage in cfg.stages.values():
+            stage.data = args.data
+    name = args.name or cfg.name or time.strftime("%Y%m%d-%H%M%S")
+    run_dir = Path(args.output or cfg.output) / name
+    return Plan(_absolute_paths(dict(cfg.stages)), _ray_from_flags(cfg.ray, args), run_dir)
+
+
+def _split_ray_overrides(items: Sequence[str]) -> tuple[list[str], RayConfig]:
+    """Stage overrides, and a RayConfig built from the ``ray.KEY=VALUE`` ones."""
+    stage_items, ray_keys = [], {}
+    for item in items:
+        key, _, raw = item.partition("=")
+        if key.strip().startswith("ray.") and "=" in item:
+            try:
+                ray_keys[key.strip()[4:]] = yaml.safe_load(raw) if raw.strip() else None
+            except yaml.YAMLError:
+                ray_keys[key.strip()[4:]] = raw  # the type check names the key
+        else:
+            stage_items.append(item)
+    return stage_items, ray_config_from_dict(ray_keys, source="--set")
+
+
+def plan_single(stage: str, args: argparse.Namespace) -> Plan:
+    """Load one stage's YAML (``stage`` forced), DATA_PATH and ``--resume`` applied."""
+    items, ray_cfg = _split_ray_overrides(args.overrides)
+    cfg = load_stage_config(args.config, items, stage=stage)
+    if args.data is not None:
+        cfg.data = args.data
+    if args.resume is not None:
+        cfg.resume = args.resume
+    name = args.name or f"{stage}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_dir = Path(args.output or "results") / name
+    return Plan(_absolute_paths({stage: cfg}), _ray_from_flags(ray_cfg, args), run_dir)
+
+
+def check_inputs(plan: Plan) -> None:
+    """Checks that need no Ray: input checkpoint, data folders, a local GPU if asked."""
+    first = next(iter(plan.stages.values()))
+    if first.resume and not Path(first.resume).is_file():
+        raise UsageError(f"input checkpoint not found: {first.resume} (--resume / resume:)")
+    if first.stage != "supernet" and not first.resume:
+        raise UsageError(f"the {first.stage} stage needs the previous stage's checkpoint: "
+                         "pass --resume CKPT or set resume: in the config")
+    address = plan.ray.address
+    for cfg in plan.stages.values():
+        local = plan.ray.num_workers == 0 or not attaching(address)
+        needs = cfg.dataset in _FOLDER_DATASETS and not cfg.download
+        if local and needs and not cfg.data:
+            raise UsageError(f"{cfg.stage}: dataset {cfg.dataset} needs a data folder: "
+                             "pass --data PATH (single stages: DATA_PATH) or set data:")
+        if local and needs and not Path(cfg.data).exists():
+            raise UsageError(f"{cfg.stage}: data folder {cfg.data} does not exist")
+    check_local_gpu(plan.ray, address)
+
+
+# ----------------------------------------------------------------------------- running
+
+
+def execute(plan: Plan, command: Sequence[str], log: Callable[[str], None] = print) -> RunRecord:
+    """Run the plan's stages in its run folder, write ``results/`` and print a summary."""
+    record = RunRecord.open(plan.run_dir, plan.stages, plan.ray, command)
+    log(f"run folder: {record.run_dir}")
+    with RaySession(plan.ray) as session:
+        last = run_stages(record, plan.stages, plan.ray, session, log)
+    if "gate" in plan.stages:
+        _write_results(record, last)
+    log(summary(record))
+    return record
+
+
+def _write_results(record: RunRecord, final_ckpt: Path) -> None:
+    """``results/`` from the gate stage (again only if it re-ran or files are missing)."""
+    results = record.run_dir / "results"
+    gate = record.stage("gate")
+    stale = record.data.get("results_from") != gate.get("checkpoint_sha256")
+    if stale or not (results / "dsnet_final.pt").is_file():
+        write_results(results, gate.get("result") or {}, final_ckpt)
+        record.data.update(results=str(results), results_from=gate.get("checkpoint_sha256"))
+        record.save()
+
+
+def summary(record: RunRecord) -> str:
+    """Per-stage status table, then the last stage's subnet/dynamic table."""
+    lines = [f"{'stage':<9} {'status':<8} {'wall s':>8} {'top1':>7}  checkpoint"]
+    table = ""
+    for name, rec in record.data["stages"].items():
+        metrics = rec.get("metrics") or {}
+        top1 = metrics.get("top1")
+        lines.append(f"{name:<9} {rec.get('status', '?'):<8} {rec.get('wall_s', 0):>8.1f} "
+                     f"{'' if top1 is None else f'{top1:.2f}':>7}  {rec.get('checkpoint', '')}")
+        result = rec.get("result") or {}
+        if result.get("subnets"):
+            table = format_table(result["subnets"], result.get("dynamic"))
+    return "\n".join(lines + ([table] if table else []))
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+def _resume_command(prog: str, argv: Sequence[str], run_dir: Path | None) -> str:
+    """The same command, with ``--name`` pinned so it continues the same run folder."""
+    argv = list(argv)
+    if run_dir is not None and not any(a == "--name" or a.startswith("--name=") for a in argv):
+        argv += ["--name", run_dir.name]
+    return f"{prog} {shlex.join(argv)}".strip()
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """Treat SIGTERM like Ctrl-C while a command runs; restore the old handler after."""
+    old = trap_sigterm()
+    try:
+        yield
+    finally:
+        if old is not None:
+            signal.signal(signal.SIGTERM, old)
+
+
+def _fail(message: str, code: int, exc: BaseException, debug: bool) -> int:
+    if debug:
+        traceback.print_exception(exc)
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    return code
+
+
+def run_command(prog: str, argv: Sequence[str] | None,
+                plan_fn: Callable[[argparse.Namespace], Plan],
+                parser: argparse.ArgumentParser) -> int:
+    """Parse, plan, check and execute a command; map errors to messages and exit codes."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    plan = None
+    try:
+        args = parser.parse_args(argv)
+        plan = plan_fn(args)
+        check_inputs(plan)
+        with _sigterm_as_interrupt():
+            execute(plan, [*prog.split(), *argv])
+        return 0
+    except KeyboardInterrupt:
+        run_dir = plan.run_dir if plan else None
+        print(f"interrupted; resume with: {_resume_command(prog, argv, run_dir)}",
+              file=sys.stderr, flush=True)
+        return 130
+    except (UsageError, ConfigError, ResourceError) as e:
+        return _fail(str(e), 2, e, debug)
+    except (DataError, CheckpointError, StageFailed) as e:
+        return _fail(str(e), 1, e, debug)
+    except Exception as e:  # a stage failed: Ray's TrainingFailedError, an OOM, ...
+        return _fail(f"{type(e).__name__}: {error_summary(e)}", 1, e, debug)
+
+
+def main_single_stage(stage: str, argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``python -m pipelines.<stage>``; returns the exit code."""
+    return run_command(f"python -m pipelines.{stage}", argv,
+                       lambda args: plan_single(stage, args), stage_parser(stage))
+
+
+def main_full(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``python -m pipelines.full``; returns the exit code."""
+    return run_command("python -m pipelines.full", argv, plan_full, full_parser())
+
+
+__all__ = ["Plan", "UsageError", "check_inputs", "execute", "full_parser", "main_full",
+           "main_single_stage", "plan_full", "plan_single", "stage_parser", "summary"]

@@ -1,0 +1,344 @@
+"""One DS-Net stage on Ray Train, and the supernet -> reset_bn -> gate sequence.
+
+A stage is a Ray task (``num_cpus=0``: it only waits) that builds and fits a
+``TorchTrainer``; every Train worker calls :func:`dsnet.engine.run_stage` with a
+:class:`RayReportHook` that reports metrics and rank 0's checkpoint after every epoch.
+A restarted worker group (``FailureConfig.max_failures``) or a re-run with the same run
+folder finds the latest checkpoint with ``ray.train.get_checkpoint()`` and resumes.
+
+``ray.num_workers: 0`` runs :func:`dsnet.engine.run_stage` in the driver instead (no Ray),
+with the latest checkpoint at ``<run>/<stage>/local/checkpoint.pt``.
+
+Fault injection, for tests: with ``DSNET_FAULT_AFTER_EPOCH=N`` and
+``DSNET_FAULT_MARKER=PATH`` in the driver's environment, rank 0 raises after reporting
+epoch N (0-based) once, creating PATH so that the retry or re-run goes through.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import ray
+import ray.train
+import ray.train.torch
+from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from dsnet.checkpoint import CheckpointError, file_sha256
+from dsnet.config import RayConfig, StageConfig, config_to_dict, stage_config_from_dict
+from dsnet.distributed import DistContext
+from dsnet.engine import CheckpointHook, ConsoleHook, EpochReport, Hook, format_report, run_stage
+from pipelines.run_record import RunRecord, checkpoint_fields
+from pipelines.runtime import RaySession, worker_gpus
+
+CKPT_FILE = "checkpoint.pt"
+FAULT_ENV, FAULT_MARKER_ENV = "DSNET_FAULT_AFTER_EPOCH", "DSNET_FAULT_MARKER"
+
+
+class InjectedFault(RuntimeError):
+    """Raised by :class:`FaultHook` (tests of resuming)."""
+
+
+class StageFailed(RuntimeError):
+    """A stage's training failed (after Ray's retries); the message summarises why."""
+
+
+# ----------------------------------------------------------------------------- hooks
+
+
+class RayReportHook(Hook):
+    """Reports every epoch to Ray Train, with rank 0's checkpoint; rank 0 prints progress."""
+
+    def __init__(self, rank: int) -> None:
+        self.rank = rank
+
+    def on_epoch_end(self, report: EpochReport, save: Callable[[Path], None]) -> None:
+        metrics = {**report.metrics, "epoch": report.epoch, "epochs": report.epochs}
+        if self.rank != 0:
+            # report() is a barrier: every rank calls it once per epoch, without a checkpoint.
+            ray.train.report(metrics, checkpoint=None)
+            return
+        # Workers' stdout reaches the driver (prefixed with the worker's pid). Not print():
+        # Ray Train patches it into a logger that also tees to stdout (two copies).
+        sys.stdout.write(format_report(report) + "\n")
+        sys.stdout.flush()
+        with tempfile.TemporaryDirectory(prefix="dsnet-ckpt-") as tmp:
+            save(Path(tmp) / CKPT_FILE)
+            # Uploads synchronously to the run's storage before returning.
+            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
+
+
+class FaultHook(Hook):
+    """Raises on rank 0 after epoch ``after`` once, then leaves ``marker`` behind."""
+
+    def __init__(self, rank: int, fault: Mapping[str, Any] | None) -> None:
+        self.rank = rank
+        self.fault = fault
+
+    def on_epoch_end(self, report: EpochReport, save: Callable[[Path], None]) -> None:
+        if self.rank != 0 or not self.fault or report.epoch != self.fault["after_epoch"]:
+            return
+        marker = Path(self.fault["marker"])
+        if marker.exists():
+            return
+        marker.touch()
+        raise InjectedFault(f"injected fault after epoch {report.epoch} ({FAULT_ENV})")
+
+
+def fault_from_env() -> dict[str, Any] | None:
+    """The fault to inject, read from the driver's environment (see the module docstring)."""
+    after, marker = os.environ.get(FAULT_ENV), os.environ.get(FAULT_MARKER_ENV)
+    if after is None or not marker:
+        return None
+    return {"after_epoch": int(after), "marker": marker}
+
+
+# ----------------------------------------------------------------------------- workers
+
+
+def _jsonable(obj: Any) -> Any:
+    """Builtins only (tensors and numpy scalars -> numbers), so results pickle and serialise."""
+    if isinstance(obj, Mapping):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_jsonable(v) for v in obj]
+    if obj is None or isinstance(obj, bool | int | float | str):
+        return obj
+    if hasattr(obj, "item"):
+        return obj.item()
+    return str(obj)
+
+
+@contextlib.contextmanager
+def _latest_checkpoint() -> Iterator[Path | None]:
+    """This stage's latest reported checkpoint file (a restarted or re-run fit), else None."""
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is None:
+        yield None
+        return
+    with ckpt.as_directory() as folder:  # no copy on local storage
+        yield Path(folder) / CKPT_FILE
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
+    """The function every Ray Train worker runs: one stage of the library.
+
+    Args:
+        config: ``stage_config`` (a StageConfig as a dict), ``init_from`` (the previous
+            stage's checkpoint or None) and ``fault`` (tests only).
+
+    Returns:
+        On rank 0, the stage's result as builtins (``Result.return_value``); else None.
+    """
+    entered = time.time()  # wall clock: the driver compares it with fit()'s start
+    cfg = stage_config_from_dict(config["stage_config"])
+    dist = DistContext.from_environment(ray.train.torch.get_device())
+    hooks = [RayReportHook(dist.rank), FaultHook(dist.rank, config.get("fault"))]
+    with _latest_checkpoint() as resume_from:
+        result = run_stage(cfg, dist=dist, hooks=hooks, resume_from=resume_from,
+                           init_from=config.get("init_from"))
+    if dist.rank != 0:
+        return None
+    out = _jsonable(result.to_dict())
+    out["resumed_from"] = str(resume_from) if resume_from else None
+    out["timing"] = {"entered": entered, "loop_s": time.time() - entered}
+    return out
+
+
+# ----------------------------------------------------------------------------- one stage
+
+
+def scaling_config(ray_cfg: RayConfig) -> ScalingConfig:
+    """Workers and their resources; Ray picks gloo on CPU and NCCL with GPUs."""
+    resources = {"CPU": ray_cfg.cpus_per_worker}
+    if ray_cfg.use_gpu:
+        resources["GPU"] = worker_gpus(ray_cfg)
+    return ScalingConfig(num_workers=ray_cfg.num_workers, use_gpu=ray_cfg.use_gpu,
+                         resources_per_worker=resources)
+
+
+def fit_stage(cfg: StageConfig, ray_cfg: RayConfig, run_dir: str, init_from: str | None,
+              fault: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Fit one stage with a TorchTrainer whose run folder is ``<run_dir>/<stage>``.
+
+    A folder that already holds checkpoints of this stage is resumed from the latest.
+
+    Returns:
+        ``checkpoint`` (the final checkpoint file) and ``result`` (rank 0's return value).
+
+    Raises:
+        ray.train.TrainingFailedError: a worker failed more than ``max_failures`` times.
+        CheckpointError: the stage reported no checkpoint.
+    """
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"stage_config": config_to_dict(cfg), "init_from": init_from,
+                           "fault": fault},
+        scaling_config=scaling_config(ray_cfg),
+        run_config=RunConfig(
+            name=cfg.stage, storage_path=run_dir,
+            failure_config=FailureConfig(max_failures=ray_cfg.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=ray_cfg.num_to_keep)))
+    started = time.time()
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise CheckpointError(f"the {cfg.stage} stage finished without reporting a checkpoint")
+    out = dict(result.return_value or {})
+    timing = out.get("timing")
+    if timing:  # where Ray's time went: worker group start-up, the stage, tear-down
+        timing["ray_startup_s"] = timing["entered"] - started
+        timing["ray_teardown_s"] = time.time() - timing["entered"] - timing["loop_s"]
+    return {"checkpoint": str(Path(result.checkpoint.path) / CKPT_FILE), "result": out}
+
+
+# The stage's driver-side half runs as a task so that a submitted job's entrypoint (and
+# a notebook) only waits; num_cpus=0 leaves every CPU to the Train workers.
+_fit_stage_task = ray.remote(num_cpus=0, max_retries=0)(fit_stage)
+
+
+def fit_stage_on_ray(cfg: StageConfig, ray_cfg: RayConfig, run_dir: Path,
+                     init_from: str | None) -> dict[str, Any]:
+    """Run :func:`fit_stage` as a Ray task and wait; Ctrl-C cancels it and its workers."""
+    ref = _fit_stage_task.remote(cfg, ray_cfg, str(run_dir), init_from, fault_from_env())
+    try:
+        return ray.get(ref)
+    except KeyboardInterrupt:
+        # Killing the task kills the Train controller it owns, and with it the workers.
+        ray.cancel(ref, force=True)
+        raise
+    except ray.exceptions.RayTaskError as e:
+        cause = getattr(e, "cause", None)
+        if isinstance(cause, Exception):
+            raise cause from e
+        raise
+
+
+def fit_stage_locally(cfg: StageConfig, run_dir: Path, init_from: str | None) -> dict[str, Any]:
+    """Run the stage in this process (``ray.num_workers: 0``), resuming its last checkpoint."""
+    folder = run_dir / cfg.stage / "local"
+    ckpt = folder / CKPT_FILE
+    resume_from = ckpt if ckpt.is_file() else None
+    hooks = [ConsoleHook(), CheckpointHook(folder), FaultHook(0, fault_from_env())]
+    result = run_stage(cfg, hooks=hooks, resume_from=resume_from, init_from=init_from)
+    if not ckpt.is_file():
+        raise CheckpointError(f"the {cfg.stage} stage finished without writing {ckpt}")
+    out = _jsonable(result.to_dict())
+    out["resumed_from"] = str(resume_from) if resume_from else None
+    return {"checkpoint": str(ckpt), "result": out}
+
+
+# ----------------------------------------------------------------------------- sequence
+
+
+def _sha_or_none(path: str | None) -> str | None:
+    return file_sha256(path) if path and Path(path).is_file() else None
+
+
+def _needs_fresh_start(rec: Mapping[str, Any], init_sha: str | None) -> bool:
+    """Whether a stage's old run folder is stale: it finished before, or had another input."""
+    if rec.get("status") == "done":
+        return True  # done but invalidated (checkpoint lost, or an earlier stage re-ran)
+    return "init_from_sha256" in rec and rec["init_from_sha256"] != init_sha
+
+
+def run_one_stage(record: RunRecord, cfg: StageConfig, ray_cfg: RayConfig,
+                  session: RaySession, init_from: str | None) -> Path:
+    """Run (or resume) one stage, keeping its ``run.json`` entry up to date.
+
+    Returns:
+        The stage's final checkpoint file.
+
+    Raises:
+        StageFailed: the stage's training failed (the message summarises the workers' errors).
+        KeyboardInterrupt: Ctrl-C or SIGTERM; the stage is recorded as failed ("interrupted").
+    """
+    name, run_dir = cfg.stage, record.run_dir
+    if ray_cfg.num_workers > 0:
+        session.ensure()  # before "running": a ResourceError is not a failed stage
+    init_sha = _sha_or_none(init_from)
+    if _needs_fresh_start(record.stage(name), init_sha):
+        shutil.rmtree(run_dir / name, ignore_errors=True)
+    record.update(name, status="running", started=_now(), init_from=init_from,
+                  init_from_sha256=init_sha, error=None,
+                  attempts=record.stage(name).get("attempts", 0) + 1)
+    t0 = time.perf_counter()
+    try:
+        out = (fit_stage_locally(cfg, run_dir, init_from) if ray_cfg.num_workers == 0
+               else fit_stage_on_ray(cfg, ray_cfg, run_dir, init_from))
+    except BaseException as e:
+        error = ("interrupted" if isinstance(e, KeyboardInterrupt)
+                 else f"{type(e).__name__}: {error_summary(e)}")
+        record.update(name, status="failed", error=error,
+                      wall_s=round(time.perf_counter() - t0, 3))
+        if isinstance(e, Exception):
+            raise StageFailed(f"the {name} stage failed: {error}\n(details in {record.path}; "
+                              "the same command resumes from the last checkpoint)") from e
+        raise
+    _record_done(record, name, out, time.perf_counter() - t0)
+    return Path(out["checkpoint"])
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S")
+
+
+def _record_done(record: RunRecord, name: str, out: Mapping[str, Any], wall_s: float) -> None:
+    """Record a finished stage: checkpoint (size, SHA-256), metrics, result and timing."""
+    result = dict(out["result"] or {})
+    timing = result.pop("timing", None)
+    record.update(name, status="done", wall_s=round(wall_s, 3), finished=_now(),
+                  metrics=result.get("metrics"), result=result,
+                  epochs_run=result.get("epochs_run"), resumed_from=result.get("resumed_from"),
+                  timing=timing, **checkpoint_fields(Path(out["checkpoint"])))
+
+
+def run_stages(record: RunRecord, stages: Mapping[str, StageConfig], ray_cfg: RayConfig,
+               session: RaySession, log: Callable[[str], None] = print) -> Path:
+    """Run the stages in order, each from the previous one's checkpoint; skip finished ones.
+
+    A stage is skipped when ``run.json`` says it is done and its checkpoint still has the
+    recorded SHA-256; once one stage runs, every later stage runs again on its output.
+
+    Returns:
+        The last stage's final checkpoint.
+    """
+    prev: Path | None = None
+    rerun = False
+    for name, cfg in stages.items():
+        done = None if rerun else record.done_checkpoint(name)
+        if done is not None:
+            log(f"[{name}] already done ({done}); skipping")
+            prev = done
+            continue
+        rerun = True
+        init = str(prev) if prev is not None else (cfg.resume or None)
+        prev = run_one_stage(record, cfg, ray_cfg, session, init)
+    assert prev is not None, "no stages to run"
+    return prev
+
+
+def error_summary(exc: BaseException, limit: int = 300) -> str:
+    """One line: per failed worker ``rank N: Type: message``, or the exception's message."""
+    failures = getattr(exc, "worker_failures", None)
+    if failures:
+        return "; ".join(f"rank {rank}: {_describe(err, limit)}"
+                         for rank, err in sorted(failures.items()))
+    cause = getattr(exc, "controller_failure", None)
+    if cause is not None:
+        return _describe(cause, limit)
+    return " ".join(str(exc).split())[:limit] or type(exc).__name__
+
+
+def _describe(err: BaseException, limit: int) -> str:
+    """``Type: message`` of a worker's error (Ray wraps it with the traceback text)."""
+    base = getattr(err, "_base_exc", err)  # ray.train's UserExceptionWithTraceback
+    message = " ".join(str(base).split())
+    return f"{type(base).__name__}: {message}"[:limit]

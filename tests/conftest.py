@@ -1,0 +1,44 @@
+"""Shared fixtures: one local Ray for every test marked ``ray`` in the session."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import pytest
+
+# Every Ray process of the test session (the local Ray below, `ray start` heads, job
+# drivers) must agree on auth; a short temp dir keeps socket paths under ~107 characters.
+RAY_TEST_ENV = {
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_AUTH_MODE": "disabled",
+    "RAY_TMPDIR": "/tmp/rayt",
+    # Train controller polls workers every 0.1 s: a 2-worker fit starts ~1-5 s sooner.
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1",
+}
+
+
+@pytest.fixture(scope="session")
+def ray_session() -> Iterator[object]:
+    """A local 2-CPU Ray started once per session (no dashboard), shut down at the end.
+
+    Code under test that calls ``pipelines.runtime.init_ray`` reuses it.
+    """
+    import ray
+
+    saved = {k: os.environ.get(k) for k in RAY_TEST_ENV}
+    os.environ.update(RAY_TEST_ENV)
+    os.makedirs(RAY_TEST_ENV["RAY_TMPDIR"], exist_ok=True)
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address="local", num_cpus=2, include_dashboard=False)
+    try:
+        yield ray
+    finally:
+        if started:
+            ray.shutdown()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value

@@ -1,0 +1,284 @@
+"""The Ray layer (``pipelines``): CLI errors, resource checks, the three-stage run on Ray
+Train workers, skipping and resuming, the in-process path, and ``ray job submit``.
+
+Ray fits cost 10-20 s each on 2 CPUs, so these tests share one local Ray (the
+``ray_session`` fixture) and run few fits; the job-submission test starts its own head.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from dsnet.checkpoint import file_sha256
+from dsnet.config import config_to_dict, load_pipeline_config
+from pipelines import full, supernet
+from pipelines.runtime import REPO_ROOT, ResourceError, check_resources
+from pipelines.stage import FAULT_ENV, FAULT_MARKER_ENV
+from tests.conftest import RAY_TEST_ENV
+
+TINY = REPO_ROOT / "configs" / "tiny.yml"
+STAGES = ("supernet", "reset_bn", "gate")
+# A supernet stage small enough for two fits in a test: 64 synthetic 16 px images.
+FAST_STAGE_YAML = """\
+dataset: synthetic
+synthetic_size: 64
+img_size: 16
+model: ds_mbnet_small
+workers: 0
+aa: ''
+reprob: 0.0
+color_jitter: 0.0
+epochs: 2
+warmup_epochs: 0
+batch_size: 32
+num_random: 1
+"""
+# The same budget for every stage of a pipeline run (in-process test).
+FAST_OVERRIDES = ["--set", "dataset=synthetic", "--set", "synthetic_size=64",
+                  "--set", "img_size=16", "--set", "batch_size=32",
+                  "--set", "eval_subnets=[0,3]"]
+
+
+def _run_json(run_dir: Path) -> dict:
+    return json.loads((run_dir / "run.json").read_text())
+
+
+def _cli(*args: str, env: dict | None = None) -> subprocess.Popen:
+    """``python -m pipelines.full ARGS`` in a subprocess (started, not waited for)."""
+    return subprocess.Popen([sys.executable, "-m", "pipelines.full", *args], cwd=REPO_ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, **(env or {})})
+
+
+# ----------------------------------------------------------------------------- no Ray
+
+
+def test_cli_errors_exit_2_with_one_line(tmp_path: Path) -> None:
+    """Bad flag, bad --set key, missing config: exit 2, one line on stderr, before Ray."""
+    cases = {
+        "unrecognized arguments: --bogus": ["--bogus"],
+        "unknown stage key 'epoch'; did you mean 'epochs'?":
+            ["-c", str(TINY), "--set", "supernet.epoch=3", "--output", str(tmp_path)],
+        "config file not found": ["-c", str(tmp_path / "missing.yml")],
+    }
+    procs = {msg: _cli(*args) for msg, args in cases.items()}  # in parallel: ~4 s each
+    for msg, proc in procs.items():
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 2, (msg, out, err)
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and msg in lines[0], err
+        assert "Traceback" not in err
+    assert not any(tmp_path.iterdir())  # nothing was run
+
+
+def test_single_stage_input_errors(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """The gate stage needs an input checkpoint; a missing one is named. Exit 2, no Ray."""
+    cfg = REPO_ROOT / "configs" / "mobilenetv1_bn_uniform_gate.yml"  # the authors' file
+    from pipelines import gate
+
+    assert gate.main(["-c", str(cfg), "--output", str(tmp_path)]) == 2
+    assert "needs the previous stage's checkpoint" in capsys.readouterr().err
+    assert gate.main(["-c", str(cfg), "--resume", str(tmp_path / "nope.pth.tar"),
+                      "--output", str(tmp_path)]) == 2
+    assert "input checkpoint not found" in capsys.readouterr().err
+
+
+def test_in_process_pipeline_and_skip(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """``--num-workers 0``: the three stages in this process, no Ray; a re-run skips all."""
+    args = ["-c", str(TINY), "--output", str(tmp_path), "--name", "local",
+            "--num-workers", "0", *FAST_OVERRIDES]
+    assert full.main(args) == 0
+    run_dir = tmp_path / "local"
+    rec = _run_json(run_dir)
+    for stage in STAGES:
+        assert rec["stages"][stage]["status"] == "done"
+        assert (run_dir / stage / "local" / "checkpoint.pt").is_file()
+    assert rec["stages"]["gate"]["init_from"] == rec["stages"]["reset_bn"]["checkpoint"]
+    assert (run_dir / "results" / "dsnet_final.pt").is_file()
+    out = capsys.readouterr().out
+    assert "[supernet] epoch 1/1" in out and "dynamic" in out
+    assert full.main(args) == 0
+    assert capsys.readouterr().out.count("already done") == 3
+
+
+def test_relative_paths_made_absolute(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ray Train workers run in their own folder: relative input paths become absolute."""
+    from pipelines.cli import plan_single, stage_parser
+
+    (tmp_path / "in.pt").write_bytes(b"x")
+    (tmp_path / "data").mkdir()
+    monkeypatch.chdir(tmp_path)
+    cfg = REPO_ROOT / "configs" / "mobilenetv1_bn_uniform_gate.yml"
+    args = stage_parser("gate").parse_args(["-c", str(cfg), "data", "--resume", "in.pt"])
+    plan = plan_single("gate", args)
+    assert plan.stages["gate"].resume == str(tmp_path / "in.pt")
+    assert plan.stages["gate"].data == str(tmp_path / "data")
+    assert plan.stages["gate"].stage == "gate" and plan.ray.num_workers == 2
+
+
+# ----------------------------------------------------------------------------- Ray
+
+
+@pytest.mark.ray
+def test_resource_check_fails_fast(ray_session: object, tmp_path: Path,
+                                   capsys: pytest.CaptureFixture) -> None:
+    """8 workers on a 2-CPU Ray: a clear error at once instead of Ray waiting forever."""
+    t0 = time.perf_counter()
+    code = full.main(["-c", str(TINY), "--output", str(tmp_path), "--name", "big",
+                      "--num-workers", "8"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "needs 8 CPUs for 8 workers x 1 CPU but the cluster has 2" in err
+    assert "lower --num-workers or ray.cpus_per_worker" in err
+    assert time.perf_counter() - t0 < 30
+    assert _run_json(tmp_path / "big")["stages"]["supernet"]["status"] == "pending"
+    ray_cfg = load_pipeline_config(TINY, ["ray.num_workers=1", "ray.use_gpu=true"]).ray
+    with pytest.raises(ResourceError, match="GPUs"):
+        check_resources(ray_cfg)
+
+
+@pytest.mark.ray
+def test_end_to_end_on_ray_then_skip(ray_session: object, tmp_path: Path,
+                                     capfd: pytest.CaptureFixture) -> None:
+    """configs/tiny.yml on 2 gloo workers: outputs, run.json, chained checkpoints, skip."""
+    args = ["-c", str(TINY), "--output", str(tmp_path), "--name", "e2e"]
+    assert full.main(args) == 0
+    run_dir = tmp_path / "e2e"
+    rec = _run_json(run_dir)
+    assert set(rec["versions"]) >= {"dsnet", "torch", "ray", "python"}
+    assert rec["seeds"] == {s: 42 for s in STAGES}
+    cfg = load_pipeline_config(TINY)
+    prev = None
+    for stage in STAGES:
+        st = rec["stages"][stage]
+        assert st["status"] == "done" and st["wall_s"] > 0
+        assert st["config"] == json.loads(json.dumps(config_to_dict(cfg.stages[stage])))
+        ckpt = Path(st["checkpoint"])
+        assert ckpt.is_file() and ckpt.parent.parent == run_dir / stage  # Ray Train run dir
+        assert st["checkpoint_sha256"] == file_sha256(ckpt)
+        assert st["checkpoint_bytes"] == ckpt.stat().st_size
+        assert st["init_from"] == prev  # chained: each stage starts from the previous one
+        assert st["epochs_run"] == [0] and st["metrics"]["top1"] >= 0
+        prev = st["checkpoint"]
+    results = run_dir / "results"
+    for name in ("subnets.csv", "dynamic.csv", "accuracy_madds.png", "dsnet_final.pt"):
+        assert (results / name).is_file(), name
+    assert file_sha256(results / "dsnet_final.pt") == rec["stages"]["gate"]["checkpoint_sha256"]
+    out = capfd.readouterr().out
+    assert "[supernet] epoch 1/1 loss" in out  # rank 0's progress line reached the driver
+    assert "dynamic" in out  # the summary table
+
+    t0 = time.perf_counter()
+    assert full.main(args) == 0
+    assert time.perf_counter() - t0 < 20  # no fit, no Ray start
+    assert capfd.readouterr().out.count("already done") == 3
+    again = _run_json(run_dir)
+    for stage in STAGES:
+        assert again["stages"][stage]["attempts"] == 1
+        assert again["stages"][stage]["checkpoint"] == rec["stages"][stage]["checkpoint"]
+
+
+@pytest.mark.ray
+def test_interrupted_stage_resumes_from_last_checkpoint(
+        ray_session: object, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker fails after epoch 0 of 2 (max_failures 0): the re-run resumes at epoch 1."""
+    cfg = tmp_path / "supernet.yml"
+    cfg.write_text(FAST_STAGE_YAML)
+    monkeypatch.setenv(FAULT_ENV, "0")
+    monkeypatch.setenv(FAULT_MARKER_ENV, str(tmp_path / "fault.marker"))
+    args = ["-c", str(cfg), "--output", str(tmp_path), "--name", "r", "--num-workers", "1",
+            "--set", "ray.max_failures=0"]
+    assert supernet.main(args) == 1
+    run_dir = tmp_path / "r"
+    st = _run_json(run_dir)["stages"]["supernet"]
+    assert st["status"] == "failed" and "InjectedFault" in st["error"]
+    assert list((run_dir / "supernet").glob("checkpoint_*/checkpoint.pt"))
+
+    assert supernet.main(args) == 0
+    st = _run_json(run_dir)["stages"]["supernet"]
+    assert st["status"] == "done" and st["attempts"] == 2
+    assert st["epochs_run"] == [1]  # epoch 0 came from the checkpoint
+    assert Path(st["resumed_from"]).parent.parent == run_dir / "supernet"
+    assert st["metrics"]["epoch"] == 1
+
+
+def _free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def _wait_http(url: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(1)
+
+
+def _stop_head(proc: subprocess.Popen) -> None:
+    """Stop our own ``ray start --block`` and its process group (never ``ray stop``).
+
+    SIGTERM alone takes 30-60 s here; the group is all our own head's processes (GCS,
+    raylet, dashboard, workers), so SIGKILL after a short grace is safe.
+    """
+    for sig, wait in ((signal.SIGTERM, 5), (signal.SIGKILL, 10)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+@pytest.mark.ray
+def test_ray_job_submit(tmp_path: Path) -> None:
+    """``ray job submit --working-dir . -- python -m pipelines.full ...`` on a real head."""
+    port, dash, client, agent = _free_ports(4)
+    bindir = str(Path(sys.executable).parent)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(RAY_TEST_ENV, PATH=bindir + os.pathsep + env.get("PATH", ""))
+    temp = f"/tmp/rayci_{os.getpid()}"
+    head = subprocess.Popen(
+        [f"{bindir}/ray", "start", "--head", "--block", "--num-cpus=2", f"--port={port}",
+         f"--dashboard-port={dash}", f"--ray-client-server-port={client}",
+         f"--dashboard-agent-listen-port={agent}", f"--temp-dir={temp}"],
+        env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait_http(f"http://127.0.0.1:{dash}/api/version", timeout=90)
+        job = subprocess.run(
+            [f"{bindir}/ray", "job", "submit", "--address", f"http://127.0.0.1:{dash}",
+             "--working-dir", ".", "--", "python", "-m", "pipelines.full",
+             "-c", "configs/tiny.yml", "--output", str(tmp_path), "--name", "job",
+             "--set", "ray.num_workers=1", *FAST_OVERRIDES],
+            cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=500)
+        assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
+        assert "[supernet] epoch 1/1" in job.stdout
+        rec = _run_json(tmp_path / "job")
+        assert all(rec["stages"][s]["status"] == "done" for s in STAGES)
+        assert (tmp_path / "job" / "results" / "dsnet_final.pt").is_file()
+    finally:
+        _stop_head(head)
+        shutil.rmtree(temp, ignore_errors=True)
