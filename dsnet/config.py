@@ -115,6 +115,7 @@ class StageConfig:
     reset_bn: bool = True
     # run
     seed: int = 42
+    threads: int = 0  # torch intra-op threads in this process (0 = torch's default)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     # supernet stage
     num_random: int = 2  # random subnets per step (sandwich rule)
@@ -177,8 +178,8 @@ _STAGE_RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "reprob": ((lambda v: 0 <= v <= 1), "in [0, 1]"),
     **{k: _at_least(0) for k in (
         "epochs", "start_epoch", "warmup_epochs", "warmup_lr", "weight_decay", "mixup",
-        "color_jitter", "workers", "random_shift", "num_random", "start_chn_idx", "sgs_weight",
-        "complexity_weight", "seed")},
+        "color_jitter", "workers", "random_shift", "threads", "num_random", "start_chn_idx",
+        "sgs_weight", "complexity_weight", "seed")},
     **{k: _at_least(1) for k in (
         "batch_size", "optimizer_step", "validation_batch_size_multiplier", "num_val",
         "synthetic_size", "img_size", "num_classes", "in_chans", "num_choice",

@@ -72,8 +72,9 @@ def format_report(report: EpochReport) -> str:
     """One progress line: stage, epoch, loss, top-1, MAdds, throughput, ETA."""
     m = report.metrics
     eta = int(m.get("eta_s", 0))
+    loss = f"loss {m['loss']:.4f} " if "loss" in m else ""  # reset_bn has no loss
     return (f"[{report.stage}] epoch {report.epoch + 1}/{report.epochs} "
-            f"loss {m.get('loss', float('nan')):.4f} top1 {m.get('top1', float('nan')):.2f} "
+            f"{loss}top1 {m.get('top1', float('nan')):.2f} "
             f"madds {m.get('madds', 0) / 1e6:.2f}M img/s {m.get('img_per_s', 0):.0f} "
             f"eta {eta // 3600}:{eta % 3600 // 60:02d}:{eta % 60:02d}")
 
@@ -166,6 +167,8 @@ def run_stage(cfg: StageConfig, *, dist: DistContext | None = None, hooks: Seque
     """
     from dsnet.stages import make_runner
 
+    if cfg.threads > 0:  # oversubscribed cores make torch's spinning threads crawl
+        torch.set_num_threads(cfg.threads)
     dist = dist or DistContext.from_environment(resolve_device(cfg.device))
     data = build_data(cfg)
     model = build_model(cfg, data)

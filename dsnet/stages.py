@@ -214,7 +214,7 @@ class ResetBNRunner(StageRunner):
         for model in [self.model] + ([self.ema.module] if self.ema is not None else []):
             n = recalibrate_bn(model, self._calibration_batches(), self.subnets(), self.dist)
         seen = n * self.cfg.batch_size * self.dist.world_size
-        return {"loss": float("nan"), "batches": n,
+        return {"batches": n,
                 "img_per_s": seen / (time.perf_counter() - t0)}
 
     def validate(self) -> dict[str, float]:
