@@ -126,10 +126,11 @@ class DSBatchNorm2d(nn.Module):
         # As the release: every width (the widest too) normalises with its own running
         # statistics, the shared affine's first c entries and the shared momentum/eps.
         momentum = shared.momentum
-        if self.training and momentum is None:
-            # Cumulative average (BN recalibration), counted per width like nn.BatchNorm.
-            stats.num_batches_tracked.add_(1)
-            momentum = 1.0 / float(stats.num_batches_tracked)
+        if momentum is None:  # cumulative average (BN recalibration), like nn.BatchNorm
+            momentum = 0.0
+            if self.training:  # counted per width
+                stats.num_batches_tracked.add_(1)
+                momentum = 1.0 / float(stats.num_batches_tracked)
         return F.batch_norm(x, stats.running_mean, stats.running_var, shared.weight[:c],
                             shared.bias[:c], self.training, momentum, shared.eps)
 

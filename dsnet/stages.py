@@ -194,9 +194,11 @@ class ResetBNRunner(StageRunner):
                                       for k, v in init_ckpt["state_dict_ema"].items()})
 
     def subnets(self) -> list:
+        # As the release: the uniform subnets, not the largest network, which shares the
+        # widest statistics of the slimmable stages with the last uniform subnet.
         if self.cfg.reset_bn_subnets == "routing":
             return list(self.model.routing_space)
-        return ["largest", *range(self.model.num_subnets)]
+        return list(range(self.model.num_subnets))
 
     def _calibration_batches(self):
         n = 0
@@ -228,8 +230,8 @@ class ResetBNRunner(StageRunner):
 
 
 def _eval_subnets(cfg: StageConfig, model: nn.Module) -> list:
-    if cfg.eval_subnets == "all":
-        return list(range(model.num_subnets)) + ["largest"]
+    if cfg.eval_subnets == "all":  # the uniform subnets (the release's table)
+        return list(range(model.num_subnets))
     return list(cfg.eval_subnets)
 
 

@@ -121,6 +121,23 @@ def test_bn_recalibration_matches_direct_statistics():
     assert not model.training and not model.bn1.training
 
 
+def test_bn_recalibration_gives_shared_statistics_to_one_owner():
+    """Largest and uniform 13 share the widest stage-3/4 statistics but feed them different
+    inputs: the later subnet in the list owns them, the earlier one its own statistics only."""
+    batches = [torch.randn(16, 1, 28, 28) for _ in range(2)]
+    both, alone = small_model(), small_model()
+    untouched = both.blocks[4].first_block.bn2.aux_bn[5].running_mean.clone()
+    recalibrate_bn(both, batches, subnets=["largest", 13])
+    recalibrate_bn(alone, batches, subnets=[13])
+    shared = "blocks.3.residual_blocks.0.bn2.aux_bn.13.running_var"
+    torch.testing.assert_close(both.state_dict()[shared], alone.state_dict()[shared])
+    # The largest's own wide-stem statistics were estimated (not left at their reset value).
+    assert not torch.equal(both.bn1.aux_bn[1].running_var, torch.ones(16))
+    assert not torch.equal(both.bn1.aux_bn[1].running_var, alone.bn1.aux_bn[1].running_var)
+    # Statistics no listed subnet reads are left alone.
+    torch.testing.assert_close(both.blocks[4].first_block.bn2.aux_bn[5].running_mean, untouched)
+
+
 def toy_bundle(x: torch.Tensor, y: torch.Tensor) -> DataBundle:
     ds = TensorDataset(x, y)
     return DataBundle(train=ds, val=ds, num_classes=10, in_chans=1, img_size=28, name="toy")
@@ -228,7 +245,7 @@ def test_engine_checkpoints_resume_and_chain(tmp_path, monkeypatch):
     res = run_stage(tiny_supernet_cfg(stage="reset_bn", reset_bn_batches=2),
                     init_from=tmp_path / "s" / "checkpoint.pt",
                     hooks=[CheckpointHook(tmp_path / "r")])
-    assert len(res.subnets) == 15
+    assert [r["subnet"] for r in res.subnets] == list(range(14))
     # A later stage's checkpoint given to an earlier stage is refused.
     with pytest.raises(dsnet.CheckpointError, match="runs after"):
         run_stage(tiny_supernet_cfg(epochs=1), init_from=tmp_path / "r" / "checkpoint.pt")
