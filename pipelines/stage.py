@@ -29,7 +29,14 @@ from typing import Any
 import ray
 import ray.train
 import ray.train.torch
-from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import (
+    Checkpoint,
+    CheckpointConfig,
+    FailureConfig,
+    LoggingConfig,
+    RunConfig,
+    ScalingConfig,
+)
 from ray.train.torch import TorchTrainer
 
 from dsnet.checkpoint import CheckpointError, file_sha256
@@ -186,7 +193,9 @@ def fit_stage(cfg: StageConfig, ray_cfg: RayConfig, run_dir: str, init_from: str
         run_config=RunConfig(
             name=cfg.stage, storage_path=run_dir,
             failure_config=FailureConfig(max_failures=ray_cfg.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=ray_cfg.num_to_keep)))
+            checkpoint_config=CheckpointConfig(num_to_keep=ray_cfg.num_to_keep),
+            # Ray Train's per-report INFO lines would drown the one progress line per epoch.
+            logging_config=LoggingConfig(log_level="WARNING")))
     started = time.time()
     result = trainer.fit()
     if result.checkpoint is None:
