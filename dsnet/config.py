@@ -90,6 +90,7 @@ class StageConfig:
     smoothing: float = 0.1  # label smoothing
     model_ema: bool = True
     model_ema_decay: float = 0.997
+    model_ema_warmup: bool = True  # decay min(decay, (1+n)/(10+n)); false = the release
     amp: bool = False
     sync_bn: bool = False
     dist_bn: str = ""  # "" | broadcast | reduce
@@ -150,6 +151,7 @@ class RayConfig:
     num_to_keep: int = 2  # checkpoints kept
     address: str | None = None  # None = start or join a local cluster
     health_check_interval_s: float = 1.0
+    min_free_mb: float = 200.0  # free disk space the output folder needs before a run starts
 
 
 @dataclass
@@ -189,6 +191,7 @@ _RAY_RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "num_workers": _at_least(0), "cpus_per_worker": _POSITIVE,
     "gpus_per_worker": _at_least(0), "max_failures": _at_least(-1),
     "num_to_keep": _at_least(1), "health_check_interval_s": _POSITIVE,
+    "min_free_mb": _at_least(0),
 }
 _CHOICES: dict[str, tuple[str, ...]] = {
     "stage": STAGES, "dataset": DATASETS, "corrupt_images": ("fail", "skip"),

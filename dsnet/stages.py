@@ -72,6 +72,8 @@ class StageRunner:
         if self.optimizer is not None and ckpt.get("optimizer"):
             self.optimizer.load_state_dict(ckpt["optimizer"])
         self.step = int((ckpt.get("extra") or {}).get("step", 0))
+        if self.ema is not None:
+            self.ema.updates = self.step  # one EMA update per optimizer step
         return int(ckpt.get("epoch", -1)) + 1
 
     def finish(self) -> tuple[list[dict] | None, dict | None]:
@@ -116,7 +118,7 @@ class SupernetRunner(StageRunner):
         # The authors' `inplace_bootstrap: false` switches distillation off altogether.
         self.distill = self.cfg.distill if self.cfg.inplace_bootstrap else "none"
         if self.cfg.model_ema or self.distill == "ieb":
-            self.ema = ModelEma(self.model, self.cfg.model_ema_decay)
+            self.ema = ModelEma(self.model, self.cfg.model_ema_decay, self.cfg.model_ema_warmup)
 
     def train_epoch(self, epoch: int) -> dict[str, float]:
         self.model.train()

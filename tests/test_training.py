@@ -276,3 +276,15 @@ def test_single_process_command_runs_three_stages(tmp_path, capsys):
         assert (results / name).is_file()
     model, meta = dsnet.model_from_checkpoint(results / "dsnet_final.pt")
     assert meta["stage"] == "gate" and model.routing_space == (0, 1, 2, 3)
+
+
+def test_ema_warmup_follows_early_weights():
+    model = torch.nn.Linear(2, 1)
+    ema = ModelEma(model, decay=0.999, warmup=True)
+    assert ema.current_decay() == pytest.approx(0.1)  # (1 + 0) / (10 + 0)
+    for _ in range(1000):
+        ema.update(model)
+    assert ema.current_decay() == pytest.approx(1001 / 1010)
+    ema.decay = 0.99
+    assert ema.current_decay() == pytest.approx(0.99)
+    assert ModelEma(model, decay=0.999).current_decay() == 0.999  # the release: no warm-up
