@@ -121,7 +121,7 @@ def plot_accuracy_madds(path: Path, subnets: Sequence[dict], dynamic: dict | Non
     ax.set_xlabel("MAdds (M)")
     ax.set_ylabel("top-1 (%)")
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right")
+    ax.legend(loc="best")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
