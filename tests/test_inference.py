@@ -1,0 +1,272 @@
+"""Deployment and inference: export_dynamic, the masked baseline, the predict CLI, the bench."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import dsnet
+from dsnet.export import DynamicStaticNet, export_dynamic, export_subnet
+from dsnet.masked import masked_dynamic_forward
+
+REPO = Path(__file__).resolve().parents[1]
+MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
+# Tiny models gain nothing from a second thread, and on a shared machine OpenMP's spinning
+# workers stall whenever another process holds a core (seconds per test instead of ms).
+SUBPROCESS_ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def routed_model(routing_space: tuple[int, ...] = (0, 1, 2, 3), batch: int = 16,
+                 seed: int = 0) -> tuple[dsnet.DSNet, torch.Tensor]:
+    """A small eval-mode model with distinct per-width BN statistics and an input batch
+    that its slimming head routes to at least three different subnets."""
+    torch.manual_seed(seed)
+    model = dsnet.create_model("ds_mbnet_small", routing_space=routing_space).eval()
+    g = torch.Generator().manual_seed(seed)
+    for name, buf in model.named_buffers():
+        if name.endswith("running_mean"):
+            buf.copy_(torch.randn(buf.shape, generator=g) * 0.1)
+        elif name.endswith("running_var"):
+            buf.copy_(torch.rand(buf.shape, generator=g) + 0.5)
+    x = torch.randn(batch, 1, 28, 28) * torch.linspace(0.2, 3, batch).view(batch, 1, 1, 1)
+    seen = []
+    head = model.gate_head.gate[0]
+    hook = head.register_forward_hook(lambda m, i, o: seen.append(i[0].flatten(1)))
+    with torch.no_grad():
+        model(x, subnet="dynamic")
+        hook.remove()
+        mean = seen[0].mean(0)                                   # (r,)
+        feats = seen[0] - mean                                   # (B, r) centred
+        # Orthogonal to the mean, so the shared component cannot favour one row for all.
+        feats -= (feats @ mean / mean.dot(mean)).unsqueeze(1) * mean
+        rows = feats[torch.linspace(0, batch - 1, head.out_channels).long()]
+        head.weight.copy_((rows * 100).view_as(head.weight))     # row k "points at" sample k
+        choices = model(x, subnet="dynamic", return_choices=True)[1]
+    assert len(set(choices.tolist())) >= 3, choices
+    return model, x
+
+
+# ----------------------------------------------------------------------------- export_dynamic
+
+
+@pytest.mark.parametrize("space", [(0, 1, 2, 3), (2, 5, 9, 13)])
+def test_export_dynamic_equals_model_dynamic_per_sample(space):
+    model, x = routed_model(space)
+    net = export_dynamic(model)
+    assert isinstance(net, DynamicStaticNet)
+    assert all(type(m).__module__.startswith(("torch.nn", "dsnet.export"))
+               for m in net.modules())
+    with torch.no_grad():
+        ref, ref_choices = model(x, subnet="dynamic", return_choices=True)
+        logits, choices = net.forward_with_choices(x)
+        torch.testing.assert_close(logits, ref, rtol=1e-4, atol=1e-5)
+        assert torch.equal(choices, ref_choices)
+        torch.testing.assert_close(net(x), ref, rtol=1e-4, atol=1e-5)
+        for i in (0, len(x) - 1):     # a batch of one: the other groups are empty
+            torch.testing.assert_close(net(x[i:i + 1]), model(x[i:i + 1], subnet=int(choices[i])),
+                                       rtol=1e-4, atol=1e-5)
+
+
+def test_export_dynamic_holds_copies():
+    model, x = routed_model()
+    net = export_dynamic(model)
+    with torch.no_grad():
+        before = net(x)
+        for p in model.parameters():
+            p.add_(1.0)
+        torch.testing.assert_close(net(x), before)
+
+
+def test_export_dynamic_is_scriptable():
+    model, x = routed_model()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)   # jit.script is deprecated upstream
+        scripted = torch.jit.script(export_dynamic(model))
+    with torch.no_grad():
+        ref, choices = model(x, subnet="dynamic", return_choices=True)
+        logits, scripted_choices = scripted.forward_with_choices(x)
+    torch.testing.assert_close(logits, ref, rtol=1e-4, atol=1e-5)
+    assert torch.equal(scripted_choices, choices)
+
+
+def test_static_subnet_exports_with_torch_export():
+    model, x = routed_model()
+    program = torch.export.export(export_subnet(model, 5), (x[:2],))
+    with torch.no_grad():
+        torch.testing.assert_close(program.module()(x[:2]), model(x[:2], subnet=5),
+                                   rtol=1e-4, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- masked
+
+
+@pytest.mark.parametrize("space", [(0, 1, 2, 3), (2, 5, 9, 13)])
+@pytest.mark.parametrize("full_width", [False, True])
+def test_masked_equals_dynamic_per_sample(space, full_width):
+    model, x = routed_model(space)
+    with torch.no_grad():
+        ref, choices = model(x, subnet="dynamic", return_choices=True)
+        logits, masked_choices = masked_dynamic_forward(model, x, full_width=full_width,
+                                                        return_choices=True)
+        assert torch.equal(masked_choices, choices)
+        torch.testing.assert_close(logits, ref, rtol=1e-4, atol=1e-5)
+        for i in range(len(x)):
+            single = model(x[i:i + 1], subnet=int(choices[i]))
+            torch.testing.assert_close(logits[i:i + 1], single, rtol=1e-4, atol=1e-5)
+
+
+def test_masked_refuses_train_mode():
+    model, x = routed_model()
+    model.gate_head.train()
+    with pytest.raises(RuntimeError, match="eval"):
+        masked_dynamic_forward(model, x)
+
+
+# ----------------------------------------------------------------------------- predict CLI
+
+
+def run_module(*args: str, module: str = "pipelines.predict") -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=SUBPROCESS_ENV,
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def predict_setup(tmp_path_factory):
+    """A gate-stage checkpoint of a random ds_mbnet_small and a folder of 28 px PNGs."""
+    root = tmp_path_factory.mktemp("predict")
+    model, _ = routed_model()
+    ckpt = dsnet.save_checkpoint(root / "gate.pth", model, stage="gate", epoch=0,
+                                 config={"dataset": "mnist5k"})
+    rng = np.random.default_rng(0)
+    images = root / "images"
+    (images / "nested").mkdir(parents=True)
+    paths = [images / f"digit{i}.png" for i in range(4)] + [images / "nested" / "deep.png"]
+    for i, path in enumerate(paths):
+        pixels = (rng.random((28, 28)) * 255 * (i + 1) / len(paths)).astype(np.uint8)
+        Image.fromarray(pixels, mode="L").save(path)
+    (images / "notes.txt").write_text("not an image")
+    return model, ckpt, images, sorted(paths)
+
+
+def expected_rows(model: dsnet.DSNet, paths: list[Path], subnet) -> list[tuple[str, int, float]]:
+    """(class, confidence, subnet) computed in-process with the MNIST eval preprocessing."""
+    x = torch.stack([torch.from_numpy(np.asarray(Image.open(p), dtype=np.float32) / 255.0)
+                     for p in paths]).unsqueeze(1)               # (N, 1, 28, 28)
+    x = (x - MNIST_MEAN) / MNIST_STD
+    with torch.no_grad():
+        logits, choices = model(x, subnet=subnet, return_choices=True)
+    conf, label = logits.softmax(1).max(1)
+    return [(str(c), float(p), "largest" if s < 0 else str(s))
+            for c, p, s in zip(label.tolist(), conf.tolist(), choices.tolist())]
+
+
+def test_predict_end_to_end_dynamic_with_csv(predict_setup, tmp_path):
+    model, ckpt, images, paths = predict_setup
+    out = tmp_path / "sub" / "pred.csv"
+    res = run_module("--checkpoint", str(ckpt), "--csv", str(out), "--batch-size", "2",
+                     str(images))
+    assert res.returncode == 0, res.stderr
+    lines = [line.split("\t") for line in res.stdout.splitlines()]
+    assert [line[0] for line in lines] == [str(p) for p in paths]   # .txt skipped, recursive
+    with open(out, newline="") as f:
+        rows = list(csv.reader(f))
+    assert rows[0] == ["path", "class", "confidence", "subnet"]
+    assert [r[0] for r in rows[1:]] == [str(p) for p in paths]
+    for line, row, (label, conf, subnet) in zip(lines, rows[1:],
+                                                expected_rows(model, paths, "dynamic")):
+        assert (line[1], line[3]) == (row[1], row[3]) == (label, subnet)
+        assert abs(float(row[2]) - conf) < 1e-5 and abs(float(line[2]) - conf) < 1e-3
+        assert int(subnet) in model.routing_space
+    assert not list(out.parent.glob(".*.tmp"))        # the atomic write left nothing behind
+
+
+@pytest.mark.parametrize("subnet", ["5", "largest"])
+def test_predict_static_subnet(predict_setup, subnet):
+    model, ckpt, images, paths = predict_setup
+    res = run_module("--checkpoint", str(ckpt), "--subnet", subnet, str(paths[0]), str(paths[1]))
+    assert res.returncode == 0, res.stderr
+    got = [tuple(line.split("\t")[1:4:2]) for line in res.stdout.splitlines()]
+    want = [(label, s) for label, _, s in
+            expected_rows(model, paths[:2], subnet if subnet == "largest" else int(subnet))]
+    assert got == want
+
+
+@pytest.mark.parametrize("case, code, message", [
+    ("missing_checkpoint", 2, "does not exist"),
+    ("missing_input", 2, "does not exist"),
+    ("no_images", 2, "no images"),
+    ("bad_subnet_name", 2, "--subnet"),
+    ("subnet_out_of_range", 2, "[0, 13]"),
+    ("no_inputs", 2, "required"),
+    ("corrupt_checkpoint", 1, "not a loadable checkpoint"),
+    ("unreadable_image", 1, "cannot read image"),
+])
+def test_predict_errors_are_one_line(predict_setup, tmp_path, case, code, message):
+    _, ckpt, images, paths = predict_setup
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "bad.pth").write_bytes(b"garbage")
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    args = {
+        "missing_checkpoint": ["--checkpoint", str(tmp_path / "nope.pth"), str(paths[0])],
+        "missing_input": ["--checkpoint", str(ckpt), str(tmp_path / "nope.png")],
+        "no_images": ["--checkpoint", str(ckpt), str(tmp_path / "empty")],
+        "bad_subnet_name": ["--checkpoint", str(ckpt), "--subnet", "widest", str(paths[0])],
+        "subnet_out_of_range": ["--checkpoint", str(ckpt), "--subnet", "14", str(paths[0])],
+        "no_inputs": ["--checkpoint", str(ckpt)],
+        "corrupt_checkpoint": ["--checkpoint", str(tmp_path / "bad.pth"), str(paths[0])],
+        "unreadable_image": ["--checkpoint", str(ckpt), str(tmp_path / "broken.png")],
+    }[case]
+    res = run_module(*args)
+    assert res.returncode == code, (res.stdout, res.stderr)
+    assert len(res.stderr.strip().splitlines()) == 1 and message in res.stderr
+    assert "Traceback" not in res.stderr and res.stdout == ""
+
+
+def test_predict_debug_shows_traceback(predict_setup, tmp_path):
+    _, _, _, paths = predict_setup
+    (tmp_path / "bad.pth").write_bytes(b"garbage")
+    res = run_module("--checkpoint", str(tmp_path / "bad.pth"), "--debug", str(paths[0]))
+    assert res.returncode == 1 and "Traceback" in res.stderr
+
+
+# ----------------------------------------------------------------------------- benchmark
+
+
+def test_bench_quick_writes_valid_json(tmp_path):
+    res = subprocess.run([sys.executable, "bench/inference.py", "--quick", "--models",
+                          "ds_mbnet_small", "--batch-sizes", "2", "--devices", "cpu",
+                          "--out", str(tmp_path)],
+                         cwd=REPO, env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    report = json.loads((tmp_path / "inference.json").read_text())
+    assert (tmp_path / "madds_vs_latency_ds_mbnet_small.png").stat().st_size > 0
+    assert max(report["parity_max_abs_diff"]["ds_mbnet_small/cpu"].values()) < 1e-4
+    (group,) = report["results"]
+    assert (group["model"], group["batch_size"], group["device"]) == ("ds_mbnet_small", 2, "cpu")
+    assert [r["subnet"] for r in group["slicing"]] == ["0", "6", "13", "largest"]
+    assert all(r["ratio"] > 0 for r in group["slicing"])
+    dyn = group["dynamic"]
+    assert dyn["routing"]["fractions"] == [0.7, 0.2, 0.1, 0.0]
+    assert set(dyn["comparisons"]) >= {"dynamic_vs_masked", "dynamic_vs_subnet_13"}
+    assert dyn["madds_per_image"]["dynamic"] < dyn["madds_per_image"]["masked"]
+    curve = group["madds_latency"]
+    assert len(curve["madds"]) == len(curve["ms_per_image"]) == 14
+    assert -1.0 <= curve["pearson"] <= 1.0
