@@ -85,7 +85,7 @@ def test_default_pipeline_values():
     assert cfg.name == "default" and cfg.ray.num_workers == 2 and not cfg.ray.use_gpu
     assert (sn.dataset, sn.model, sn.seed) == ("mnist5k", "ds_mbnet_small", 42)
     assert (sn.epochs, sn.lr, sn.batch_size, sn.warmup_epochs, sn.weight_decay) == (
-        12, 0.1, 64, 1, 5e-5)
+        12, 0.1, 32, 1, 5e-5)
     assert (sn.drop, sn.model_ema, sn.model_ema_decay, sn.smoothing) == (0.1, True, 0.99, 0.1)
     assert (sn.aa, sn.reprob, sn.color_jitter, sn.num_random, sn.distill, sn.workers) == (
         "", 0.0, 0.0, 2, "ieb", 0)
