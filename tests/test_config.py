@@ -51,7 +51,11 @@ def test_configs_folder_is_not_empty():
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_every_config_loads(path):
     data = yaml.safe_load(path.read_text())
-    if any(slot in data for slot in ("supernet", "gate", "stages")):
+    if "space" in data:  # a sweep config (pipelines.sweep)
+        from pipelines.sweep import load_sweep_config
+
+        assert load_sweep_config(path) is not None
+    elif any(slot in data for slot in ("supernet", "gate", "stages")):
         cfg = load_pipeline_config(path)
         assert set(cfg.stages) == set(STAGES)
         assert all(cfg.stages[s].stage == s for s in STAGES)
