@@ -122,6 +122,13 @@ def plot_accuracy_madds(path: Path, subnets: Sequence[dict], dynamic: dict | Non
     ax.set_ylabel("top-1 (%)")
     ax.grid(alpha=0.3)
     ax.legend(loc="best")
+    save_figure(fig, path)
+
+
+def save_figure(fig: Any, path: Path) -> None:
+    """Save a matplotlib figure as PNG atomically (temp file + rename) and close it."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)

@@ -86,6 +86,7 @@ from dsnet.config import (
     stage_config_from_dict,
 )
 from dsnet.data import DataError
+from dsnet.evaluate import save_figure
 from dsnet.pareto import pareto_front, spearman
 from pipelines.cli import UsageError
 from pipelines.run_record import RunRecord, atomic_write_json, versions
@@ -911,13 +912,7 @@ def plot_front(path: Path, rows: Sequence[dict[str, Any]], front: Sequence[int],
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    os.close(fd)
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path)
 
 
 def format_front(rows: Sequence[dict[str, Any]], front: Sequence[int],
