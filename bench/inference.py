@@ -60,6 +60,7 @@ from torch import nn  # noqa: E402
 
 import dsnet  # noqa: E402
 from dsnet.bn_calibration import recalibrate_bn  # noqa: E402
+from dsnet.evaluate import save_figure  # noqa: E402
 from dsnet.export import export_dynamic, export_subnet  # noqa: E402
 from dsnet.madds import count_madds, routing_madds, widths_madds  # noqa: E402
 from dsnet.masked import masked_dynamic_forward  # noqa: E402
@@ -498,10 +499,7 @@ def plot(results: list[dict[str, Any]], model: str, path: Path) -> None:
                ylabel="ms per image")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)   # atomic, closes the figure
 
 
 def write_json(obj: Any, path: Path) -> None:
