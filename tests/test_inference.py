@@ -18,6 +18,7 @@ from PIL import Image
 import dsnet
 from dsnet.export import DynamicStaticNet, export_dynamic, export_subnet
 from dsnet.masked import masked_dynamic_forward
+from tests.test_model import randomize_bn_stats
 
 REPO = Path(__file__).resolve().parents[1]
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
@@ -40,12 +41,7 @@ def routed_model(routing_space: tuple[int, ...] = (0, 1, 2, 3), batch: int = 16,
     that its slimming head routes to at least three different subnets."""
     torch.manual_seed(seed)
     model = dsnet.create_model("ds_mbnet_small", routing_space=routing_space).eval()
-    g = torch.Generator().manual_seed(seed)
-    for name, buf in model.named_buffers():
-        if name.endswith("running_mean"):
-            buf.copy_(torch.randn(buf.shape, generator=g) * 0.1)
-        elif name.endswith("running_var"):
-            buf.copy_(torch.rand(buf.shape, generator=g) + 0.5)
+    randomize_bn_stats(model, seed)
     x = torch.randn(batch, 1, 28, 28) * torch.linspace(0.2, 3, batch).view(batch, 1, 1, 1)
     seen = []
     head = model.gate_head.gate[0]
