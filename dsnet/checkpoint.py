@@ -14,7 +14,7 @@ import pickle
 import platform
 import tempfile
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +55,13 @@ def file_sha256(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
+def _brief(exc: BaseException) -> str:
+    """``Type: first sentence`` of an error (torch's zip errors run on for five more)."""
+    text = str(exc).strip()
+    first = text.splitlines()[0].split(". ")[0] if text else ""
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+
+
 def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """Load a checkpoint file safely and return it as a dict.
 
@@ -71,12 +78,66 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{path} is not a loadable checkpoint: {first}") from e
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
-        raise CheckpointError(f"{path} is truncated or corrupt ({type(e).__name__}: "
-                              f"{str(e).splitlines()[0] if str(e) else ''}); "
+        raise CheckpointError(f"{path} is truncated or corrupt ({_brief(e)}); "
                               "re-download or re-create it") from e
+    except Exception as e:  # other bytes (a text file, an image) fail in the unpickler anyhow
+        raise CheckpointError(f"{path} is not a checkpoint file ({_brief(e)})") from e
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a checkpoint dict")
     return dict(obj)
+
+
+def previous_path(path: str | os.PathLike) -> Path:
+    """Where :func:`rotate_save` keeps the previous checkpoint: ``checkpoint.prev.pt``."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}.prev{path.suffix}")
+
+
+def _next_path(path: Path) -> Path:
+    return path.with_name(f"{path.stem}.next{path.suffix}")
+
+
+def rotate_save(save: Callable[[Path], Any], path: str | os.PathLike) -> Path:
+    """Write a new checkpoint at ``path`` and keep the old one as :func:`previous_path`.
+
+    ``save(p)`` must write a complete file at ``p`` atomically. The new file is written
+    beside (``checkpoint.next.pt``), then the old one is renamed to ``.prev`` and the new
+    one into place: a crash at any moment leaves at least one complete checkpoint, and
+    :func:`rotation_candidates` lists what is there, newest first.
+    """
+    path = Path(path)
+    nxt = _next_path(path)
+    save(nxt)
+    if path.exists():
+        os.replace(path, previous_path(path))
+    os.replace(nxt, path)
+    return path
+
+
+def rotation_candidates(path: str | os.PathLike) -> list[Path]:
+    """Existing files of a :func:`rotate_save` checkpoint, newest first.
+
+    ``.next`` only survives a crash between the two renames, and is then the newest.
+    """
+    path = Path(path)
+    return [p for p in (_next_path(path), path, previous_path(path)) if p.is_file()]
+
+
+def first_readable(candidates: Iterable[str | os.PathLike]
+                   ) -> tuple[Path | None, dict[str, Any] | None, list[tuple[Path, str]]]:
+    """The first candidate that :func:`read_checkpoint` loads, in the order given.
+
+    Returns:
+        ``(path, checkpoint, skipped)``: the readable file and its contents (``None, None``
+        when none is), and the unreadable files tried before it with the reason.
+    """
+    skipped: list[tuple[Path, str]] = []
+    for candidate in candidates:
+        try:
+            return Path(candidate), read_checkpoint(candidate), skipped
+        except CheckpointError as e:
+            skipped.append((Path(candidate), str(e)))
+    return None, None, skipped
 
 
 def extract_state_dict(ckpt: Mapping[str, Any], use_ema: bool = False,
@@ -107,11 +168,12 @@ def _mismatch_report(model: nn.Module, state: Mapping[str, torch.Tensor]) -> str
     shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
               for k in own if k in state and state[k].shape != own[k].shape]
     parts = []
-    for title, items in (("missing", missing), ("unexpected", unexpected),
-                         ("shape mismatch", shapes)):
+    # Shapes first: a different width list shows there; three examples each keep it short.
+    for title, items in (("shape mismatch", shapes), ("missing", missing),
+                         ("unexpected", unexpected)):
         if items:
-            more = f" ... (+{len(items) - 5} more)" if len(items) > 5 else ""
-            parts.append(f"{len(items)} {title}: {'; '.join(items[:5])}{more}")
+            more = f" ... (+{len(items) - 3} more)" if len(items) > 3 else ""
+            parts.append(f"{len(items)} {title}: {'; '.join(items[:3])}{more}")
     return " | ".join(parts)
 
 

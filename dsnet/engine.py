@@ -23,10 +23,11 @@ from dsnet.checkpoint import (
     extract_state_dict,
     load_state_dict_checked,
     read_checkpoint,
+    rotate_save,
     save_checkpoint,
 )
 from dsnet.config import StageConfig, config_to_dict
-from dsnet.data import DataBundle, build_datasets
+from dsnet.data import DataBundle, build_datasets, check_num_classes
 from dsnet.distributed import DistContext
 from dsnet.registry import create_model
 
@@ -91,14 +92,24 @@ class ConsoleHook(Hook):
 
 
 class CheckpointHook(Hook):
-    """Writes ``<folder>/checkpoint.pt`` (latest epoch) on rank 0, atomically."""
+    """Writes ``<folder>/checkpoint.pt`` (latest epoch) on rank 0, atomically.
 
-    def __init__(self, folder: str | Path, rank: int = 0) -> None:
+    With ``keep_previous`` the epoch before stays as ``checkpoint.prev.pt``
+    (:func:`~dsnet.checkpoint.rotate_save`): something to resume from should the latest
+    file be damaged.
+    """
+
+    def __init__(self, folder: str | Path, rank: int = 0, keep_previous: bool = True) -> None:
         self.path = Path(folder) / "checkpoint.pt"
         self.rank = rank
+        self.keep_previous = keep_previous
 
     def on_epoch_end(self, report: EpochReport, save: Callable[[Path], None]) -> None:
-        if self.rank == 0:
+        if self.rank != 0:
+            return
+        if self.keep_previous:
+            rotate_save(save, self.path)
+        else:
             save(self.path)
 
 
@@ -122,7 +133,13 @@ def build_data(cfg: StageConfig) -> DataBundle:
 
 
 def build_model(cfg: StageConfig, data: DataBundle) -> torch.nn.Module:
-    """A freshly initialised supernet for the config and data (seeded: same on every rank)."""
+    """A freshly initialised supernet for the config and data (seeded: same on every rank).
+
+    Raises:
+        DataError: ``num_classes`` is smaller than the data's number of classes (labels
+            would be out of range for the head, failing deep in the loss mid-epoch).
+    """
+    check_num_classes(cfg.num_classes, cfg.dataset, data.num_classes)
     torch.manual_seed(cfg.seed)
     return create_model(cfg.model, num_classes=cfg.num_classes or data.num_classes,
                         in_chans=cfg.in_chans or data.in_chans, drop_rate=cfg.drop)
@@ -177,13 +194,13 @@ def run_stage(cfg: StageConfig, *, dist: DistContext | None = None, hooks: Seque
         raise CheckpointError(f"the {cfg.stage} stage needs the previous stage's checkpoint: "
                               "set resume: in the config or pass --resume CHECKPOINT")
     init_ckpt = load_weights(model, init) if init else None
-    _check_stage_order(cfg.stage, init_ckpt, init)
+    check_stage_order(cfg.stage, init_ckpt, init)
     runner = make_runner(cfg, model.to(dist.device), data, dist, init_ckpt)
     start = runner.resume(read_checkpoint(resume_from)) if resume_from else 0
     return _epoch_loop(cfg, runner, hooks, start)
 
 
-def _check_stage_order(stage: str, ckpt: dict | None, path: Any) -> None:
+def check_stage_order(stage: str, ckpt: dict | None, path: Any) -> None:
     """Refuse a checkpoint from a later stage given to an earlier one."""
     done = (ckpt or {}).get("stage")
     if done in STAGE_ORDER and STAGE_ORDER.index(done) > STAGE_ORDER.index(stage):

@@ -5,7 +5,8 @@ before Ray starts. Errors print one or two lines on stderr (a traceback with ``-
 and set the exit code:
 
 * 2: usage or configuration (bad flag, unknown ``--set`` key, missing config file or
-  input checkpoint, a resource request the cluster can never meet);
+  input checkpoint, a resource request the cluster can never meet, an output folder
+  that cannot be written or whose disk has less than ``ray.min_free_mb`` free);
 * 1: a runtime failure (a stage failed: the failing workers' errors are summarised);
 * 130: interrupted (Ctrl-C or SIGTERM); the message gives the command that resumes.
 """
@@ -25,7 +26,7 @@ from pathlib import Path
 
 import yaml
 
-from dsnet.checkpoint import CheckpointError
+from dsnet.checkpoint import CheckpointError, read_checkpoint
 from dsnet.config import (
     ConfigError,
     RayConfig,
@@ -35,8 +36,11 @@ from dsnet.config import (
     ray_config_from_dict,
     validate_ray,
 )
-from dsnet.data import DataError
+from dsnet.data import DataError, check_num_classes, dataset_num_classes
+from dsnet.engine import check_stage_order
 from dsnet.evaluate import format_table, write_results
+from dsnet.registry import create_model
+from dsnet.stages import routing_space_for
 from pipelines.run_record import RunRecord
 from pipelines.runtime import (
     REPO_ROOT,
@@ -44,6 +48,7 @@ from pipelines.runtime import (
     ResourceError,
     attaching,
     check_local_gpu,
+    check_output_dir,
     trap_sigterm,
 )
 from pipelines.stage import StageFailed, error_summary, run_stages
@@ -173,10 +178,11 @@ def plan_single(stage: str, args: argparse.Namespace) -> Plan:
 
 
 def check_inputs(plan: Plan) -> None:
-    """Checks that need no Ray: input checkpoint, data folders, a local GPU if asked."""
+    """Checks that need no Ray: input checkpoint, data folders, a local GPU if asked, and
+    last (it creates the run folder) a writable output folder with enough free space."""
     first = next(iter(plan.stages.values()))
-    if first.resume and not Path(first.resume).is_file():
-        raise UsageError(f"input checkpoint not found: {first.resume} (--resume / resume:)")
+    if first.resume:
+        check_input_checkpoint(first)
     if first.stage != "supernet" and not first.resume:
         raise UsageError(f"the {first.stage} stage needs the previous stage's checkpoint: "
                          "pass --resume CKPT or set resume: in the config")
@@ -189,7 +195,59 @@ def check_inputs(plan: Plan) -> None:
                              "pass --data PATH (single stages: DATA_PATH) or set data:")
         if local and needs and not Path(cfg.data).exists():
             raise UsageError(f"{cfg.stage}: data folder {cfg.data} does not exist")
+        if local or cfg.dataset not in _FOLDER_DATASETS:  # else the folder is the cluster's
+            check_data(cfg)
+    check_models(plan.stages)
     check_local_gpu(plan.ray, address)
+    check_output_dir(plan.run_dir, plan.ray.min_free_mb)
+
+
+def check_data(cfg: StageConfig) -> None:
+    """A folder dataset's layout, and ``num_classes`` against the data's classes, without
+    reading an image: a wrong folder or count should not wait for the stage to start."""
+    try:
+        classes = dataset_num_classes(cfg.dataset, cfg.data)
+        if classes is not None:
+            check_num_classes(cfg.num_classes, cfg.dataset, classes)
+    except DataError as e:
+        raise UsageError(f"{cfg.stage}: {e}") from None
+
+
+def check_input_checkpoint(cfg: StageConfig) -> None:
+    """Read the first stage's input checkpoint now: a missing, truncated or foreign file, or
+    one of a later stage, should not wait for Ray's start-up (or a queue) to be found out.
+
+    Raises:
+        UsageError: naming the file and what is wrong with it.
+    """
+    path = Path(cfg.resume)
+    if not path.is_file():
+        raise UsageError(f"input checkpoint not found: {path} (--resume / resume:)")
+    try:
+        check_stage_order(cfg.stage, read_checkpoint(path), path)
+    except CheckpointError as e:
+        raise UsageError(f"input checkpoint: {e}") from None
+
+
+def check_models(stages: dict[str, StageConfig]) -> None:
+    """Model names, and subnet indices against the model's width list, before any stage
+    runs: the gate stage would otherwise find a bad ``start_chn_idx`` after hours of
+    supernet training. Builds each model once (well under a second)."""
+    num_subnets: dict[str, int] = {}
+    for cfg in stages.values():
+        try:
+            if cfg.model not in num_subnets:
+                num_subnets[cfg.model] = create_model(cfg.model).num_subnets
+            n = num_subnets[cfg.model]
+            if cfg.stage == "gate":
+                routing_space_for(cfg, n)
+        except ValueError as e:
+            raise UsageError(f"{cfg.stage}: {e}") from None
+        bad = [c for c in (cfg.eval_subnets if isinstance(cfg.eval_subnets, list) else [])
+               if not 0 <= c < n]
+        if bad:
+            raise UsageError(f"{cfg.stage}: eval_subnets {bad} outside the model's subnets "
+                             f"0-{n - 1}")
 
 
 # ----------------------------------------------------------------------------- running
@@ -300,5 +358,6 @@ def main_full(argv: Sequence[str] | None = None) -> int:
     return run_command("python -m pipelines.full", argv, plan_full, full_parser())
 
 
-__all__ = ["Plan", "UsageError", "check_inputs", "execute", "full_parser", "main_full",
-           "main_single_stage", "plan_full", "plan_single", "stage_parser", "summary"]
+__all__ = ["Plan", "UsageError", "check_data", "check_input_checkpoint", "check_inputs",
+           "check_models", "execute", "full_parser", "main_full", "main_single_stage",
+           "plan_full", "plan_single", "stage_parser", "summary"]

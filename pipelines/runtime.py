@@ -8,7 +8,9 @@ compares the request with the cluster's total resources first and fails with a m
 from __future__ import annotations
 
 import os
+import shutil
 import signal
+import tempfile
 import threading
 from pathlib import Path
 from typing import Any
@@ -106,6 +108,37 @@ def check_local_gpu(ray_cfg: RayConfig, address: str | None) -> None:
     if not torch.cuda.is_available():
         raise ResourceError("--use-gpu (ray.use_gpu) was given but this machine has no CUDA "
                             "GPU; drop it or submit to a cluster with GPUs")
+
+
+def check_output_dir(run_dir: Path, min_free_mb: float) -> None:
+    """Fail before any work when the run folder cannot be written or its disk is nearly full.
+
+    Creates ``run_dir`` (and parents), writes and deletes a probe file in it, and checks
+    ``shutil.disk_usage``: otherwise a read-only or full disk surfaces only when the first
+    checkpoint is saved, an epoch (or a day) into the run.
+
+    Raises:
+        ResourceError: the folder cannot be created or written, or less than
+            ``min_free_mb`` MiB are free on its disk.
+    """
+    blocker = next((p for p in (run_dir, *run_dir.parents) if p.exists()), None)
+    if blocker is not None and not blocker.is_dir():
+        raise ResourceError(f"cannot create the output folder {run_dir}: {blocker} is a file, "
+                            "not a folder; pass --output DIR")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".dsnet-write-probe-", dir=run_dir)
+        with os.fdopen(fd, "wb") as f:
+            f.write(b"probe")
+        os.unlink(probe)
+    except OSError as e:
+        raise ResourceError(f"cannot write the output folder {run_dir}: {e.strerror or e}; "
+                            "pass --output DIR on a writable disk") from None
+    free_mb = shutil.disk_usage(run_dir).free / 2**20
+    if free_mb < min_free_mb:
+        raise ResourceError(f"only {free_mb:.0f} MB free on the disk of {run_dir}, below "
+                            f"ray.min_free_mb ({min_free_mb:.0f} MB); free space, pass --output "
+                            "DIR on another disk, or lower it with --set ray.min_free_mb=N")
 
 
 class RaySession:

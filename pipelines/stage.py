@@ -7,11 +7,20 @@ A restarted worker group (``FailureConfig.max_failures``) or a re-run with the s
 folder finds the latest checkpoint with ``ray.train.get_checkpoint()`` and resumes.
 
 ``ray.num_workers: 0`` runs :func:`dsnet.engine.run_stage` in the driver instead (no Ray),
-with the latest checkpoint at ``<run>/<stage>/local/checkpoint.pt``.
+with the latest checkpoint at ``<run>/<stage>/local/checkpoint.pt`` and the one before it
+at ``checkpoint.prev.pt``.
+
+A latest checkpoint that cannot be read on resume (truncated, corrupt), or a finished
+stage's final one whose size or SHA-256 no longer match ``run.json``, is skipped with a
+warning for the newest older one that is intact (Ray's run folder keeps
+``ray.num_to_keep``); the stage's ``run.json`` entry lists it under ``corrupt_checkpoints``.
 
 Fault injection, for tests: with ``DSNET_FAULT_AFTER_EPOCH=N`` and
-``DSNET_FAULT_MARKER=PATH`` in the driver's environment, rank 0 raises after reporting
-epoch N (0-based) once, creating PATH so that the retry or re-run goes through.
+``DSNET_FAULT_MARKER=PATH`` in the driver's environment, rank ``DSNET_FAULT_RANK``
+(default 0) fails after reporting epoch N (0-based) once, creating PATH so that the retry
+or re-run goes through. ``DSNET_FAULT_MODE`` is ``raise`` (default: an exception) or
+``exit`` (``os._exit(1)``: the process dies as in a crash or an OOM kill; in-process runs
+kill the driver itself).
 """
 
 from __future__ import annotations
@@ -22,13 +31,14 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import ray
 import ray.train
 import ray.train.torch
+import torch.distributed
 from ray.train import (
     Checkpoint,
     CheckpointConfig,
@@ -39,7 +49,7 @@ from ray.train import (
 )
 from ray.train.torch import TorchTrainer
 
-from dsnet.checkpoint import CheckpointError, file_sha256
+from dsnet.checkpoint import CheckpointError, file_sha256, first_readable, rotation_candidates
 from dsnet.config import RayConfig, StageConfig, config_to_dict, stage_config_from_dict
 from dsnet.distributed import DistContext
 from dsnet.engine import CheckpointHook, ConsoleHook, EpochReport, Hook, format_report, run_stage
@@ -48,6 +58,9 @@ from pipelines.runtime import RaySession, worker_gpus
 
 CKPT_FILE = "checkpoint.pt"
 FAULT_ENV, FAULT_MARKER_ENV = "DSNET_FAULT_AFTER_EPOCH", "DSNET_FAULT_MARKER"
+FAULT_MODE_ENV, FAULT_RANK_ENV = "DSNET_FAULT_MODE", "DSNET_FAULT_RANK"
+FAULT_MODES = ("raise", "exit")
+DAMAGED = "has another size or SHA-256 than run.json recorded"
 
 
 class InjectedFault(RuntimeError):
@@ -84,19 +97,36 @@ class RayReportHook(Hook):
 
 
 class FaultHook(Hook):
-    """Raises on rank 0 after epoch ``after`` once, then leaves ``marker`` behind."""
+    """Fails on rank ``fault["rank"]`` after epoch ``fault["after_epoch"]`` once, leaving
+    ``fault["marker"]`` behind: raises (mode ``raise``) or kills the process (``exit``).
 
-    def __init__(self, rank: int, fault: Mapping[str, Any] | None) -> None:
+    ``sync``, if given, is called on every rank before a kill (Ray workers:
+    :func:`reports_collected_barrier`), so that the kill lands after a known checkpoint.
+    """
+
+    def __init__(self, rank: int, fault: Mapping[str, Any] | None,
+                 sync: Callable[[], None] | None = None) -> None:
         self.rank = rank
         self.fault = fault
+        self.sync = sync
 
     def on_epoch_end(self, report: EpochReport, save: Callable[[Path], None]) -> None:
-        if self.rank != 0 or not self.fault or report.epoch != self.fault["after_epoch"]:
+        fault = self.fault
+        if not fault or report.epoch != fault["after_epoch"]:
             return
-        marker = Path(self.fault["marker"])
-        if marker.exists():
+        marker = Path(fault["marker"])
+        # Every rank decides before the failing rank creates the marker (after the sync).
+        armed = not marker.exists()
+        exits = fault.get("mode", "raise") == "exit"
+        if armed and exits and self.sync is not None:
+            self.sync()
+        if not armed or self.rank != fault.get("rank", 0):
             return
         marker.touch()
+        if exits:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(1)  # no exception, no clean-up: what a segfault or the OOM killer does
         raise InjectedFault(f"injected fault after epoch {report.epoch} ({FAULT_ENV})")
 
 
@@ -105,7 +135,91 @@ def fault_from_env() -> dict[str, Any] | None:
     after, marker = os.environ.get(FAULT_ENV), os.environ.get(FAULT_MARKER_ENV)
     if after is None or not marker:
         return None
-    return {"after_epoch": int(after), "marker": marker}
+    mode = os.environ.get(FAULT_MODE_ENV) or "raise"
+    if mode not in FAULT_MODES:
+        raise ValueError(f"{FAULT_MODE_ENV}={mode!r}: expected one of {', '.join(FAULT_MODES)}")
+    return {"after_epoch": int(after), "marker": marker, "mode": mode,
+            "rank": int(os.environ.get(FAULT_RANK_ENV) or 0)}
+
+
+def reports_collected_barrier(timeout_s: float = 60.0) -> None:
+    """Every rank: wait until the Train controller has collected this rank's reports, then
+    meet the other ranks. Past it, the controller holds every rank's report of the epoch,
+    so the epoch's checkpoint is registered.
+
+    ``ray.train.report()`` returns once the report is queued in the worker; a worker that
+    dies before the controller's next poll (or while rank 0 still uploads) loses the
+    epoch's checkpoint, and the restarted group repeats that epoch.
+    """
+    # Ray's internals (no public API for this); used by fault injection only.
+    from ray.train.v2._internal.execution.context import get_train_context
+
+    queue = get_train_context().get_result_queue()
+    deadline = time.monotonic() + timeout_s
+    while queue.unfinished_tasks and time.monotonic() < deadline:
+        time.sleep(0.02)
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+# ----------------------------------------------------------------------------- resuming
+
+
+def _stderr_line(message: str) -> None:
+    """One line on stderr (a Ray worker's reaches the driver's terminal)."""
+    sys.stderr.write(message + "\n")
+    sys.stderr.flush()
+
+
+def pick_resume_checkpoint(candidates: Sequence[Path], stage: str,
+                           log: Callable[[str], None] | None = _stderr_line,
+                           distrust: Collection[str] = ()
+                           ) -> tuple[Path | None, list[dict[str, str]]]:
+    """The newest readable checkpoint to resume ``stage`` from; damaged ones are skipped.
+
+    Args:
+        candidates: checkpoint files, newest first.
+        stage: the stage's name, for messages.
+        log: where the warning about skipped files goes (None: nowhere, e.g. ranks > 0).
+        distrust: files known to be damaged although readable (their size or SHA-256 no
+            longer match ``run.json``'s record).
+
+    Returns:
+        The file (None when there are no candidates: a fresh start), and the skipped
+        files as ``{"path", "error"}`` (for ``run.json``).
+
+    Raises:
+        CheckpointError: there are checkpoints but none can be read.
+    """
+    if not candidates:
+        return None, []
+    bad = {os.path.realpath(p) for p in distrust}
+    changed = [(c, DAMAGED) for c in candidates if os.path.realpath(c) in bad]
+    path, ckpt, skipped = first_readable(c for c in candidates if os.path.realpath(c) not in bad)
+    skipped = changed + skipped
+    corrupt = [{"path": str(p), "error": why} for p, why in skipped]
+    if path is None:
+        raise CheckpointError(f"no readable checkpoint to resume the {stage} stage from "
+                              f"({corrupt[0]['error']}); delete {candidates[0].parent} to "
+                              "start the stage over")
+    if skipped and log is not None:
+        epoch = int((ckpt or {}).get("epoch", -1)) + 1
+        bad_path, why = skipped[0]
+        log(f"warning: [{stage}] checkpoint {bad_path} {why.removeprefix(f'{bad_path} ')}; "
+            f"resuming from the previous one instead, {path} (epoch {epoch})")
+    return path, corrupt
+
+
+def ray_resume_candidates(latest: Path) -> list[Path]:
+    """``latest`` (the reported checkpoint's file), then older ones of its run, newest first.
+
+    Ray Train keeps ``num_to_keep`` folders ``checkpoint_<timestamp>`` in the run folder, so
+    names sort by age. Newer folders than ``latest`` are left out: Ray never registered them
+    (an upload cut short by a crash).
+    """
+    older = [d / CKPT_FILE for d in latest.parent.parent.glob("checkpoint_*")
+             if d.name < latest.parent.name and (d / CKPT_FILE).is_file()]
+    return [latest, *sorted(older, reverse=True)]
 
 
 # ----------------------------------------------------------------------------- workers
@@ -125,14 +239,21 @@ def _jsonable(obj: Any) -> Any:
 
 
 @contextlib.contextmanager
-def _latest_checkpoint() -> Iterator[Path | None]:
-    """This stage's latest reported checkpoint file (a restarted or re-run fit), else None."""
+def _latest_checkpoint(stage: str, log: Callable[[str], None] | None, distrust: Collection[str]
+                       ) -> Iterator[tuple[Path | None, list[dict[str, str]]]]:
+    """The checkpoint file to resume from (a restarted or re-run fit), else None, and the
+    unreadable ones skipped (see :func:`pick_resume_checkpoint`)."""
     ckpt = ray.train.get_checkpoint()
     if ckpt is None:
-        yield None
+        yield None, []
         return
     with ckpt.as_directory() as folder:  # no copy on local storage
-        yield Path(folder) / CKPT_FILE
+        latest = Path(folder) / CKPT_FILE
+        # Older checkpoints can be listed only where the run folder is a local (or mounted)
+        # one; a download from cloud storage is a lone temporary folder.
+        local = Path(folder) == Path(ckpt.path)
+        yield pick_resume_checkpoint(ray_resume_candidates(latest) if local else [latest],
+                                     stage, log, distrust)
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
@@ -140,7 +261,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
 
     Args:
         config: ``stage_config`` (a StageConfig as a dict), ``init_from`` (the previous
-            stage's checkpoint or None) and ``fault`` (tests only).
+            stage's checkpoint or None), ``distrust`` (damaged checkpoint files not to resume
+            from) and ``fault`` (tests only).
 
     Returns:
         On rank 0, the stage's result as builtins (``Result.return_value``); else None.
@@ -148,14 +270,18 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
     entered = time.time()  # wall clock: the driver compares it with fit()'s start
     cfg = stage_config_from_dict(config["stage_config"])
     dist = DistContext.from_environment(ray.train.torch.get_device())
-    hooks = [RayReportHook(dist.rank), FaultHook(dist.rank, config.get("fault"))]
-    with _latest_checkpoint() as resume_from:
+    hooks = [RayReportHook(dist.rank),
+             FaultHook(dist.rank, config.get("fault"), sync=reports_collected_barrier)]
+    log = _stderr_line if dist.rank == 0 else None
+    distrust = config.get("distrust") or ()
+    with _latest_checkpoint(cfg.stage, log, distrust) as (resume_from, corrupt):
         result = run_stage(cfg, dist=dist, hooks=hooks, resume_from=resume_from,
                            init_from=config.get("init_from"))
     if dist.rank != 0:
         return None
     out = _jsonable(result.to_dict())
     out["resumed_from"] = str(resume_from) if resume_from else None
+    out["corrupt_checkpoints"] = corrupt
     out["timing"] = {"entered": entered, "loop_s": time.time() - entered}
     return out
 
@@ -173,7 +299,8 @@ def scaling_config(ray_cfg: RayConfig) -> ScalingConfig:
 
 
 def fit_stage(cfg: StageConfig, ray_cfg: RayConfig, run_dir: str, init_from: str | None,
-              fault: dict[str, Any] | None = None) -> dict[str, Any]:
+              fault: dict[str, Any] | None = None,
+              distrust: Sequence[str] = ()) -> dict[str, Any]:
     """Fit one stage with a TorchTrainer whose run folder is ``<run_dir>/<stage>``.
 
     A folder that already holds checkpoints of this stage is resumed from the latest.
@@ -188,7 +315,7 @@ def fit_stage(cfg: StageConfig, ray_cfg: RayConfig, run_dir: str, init_from: str
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"stage_config": config_to_dict(cfg), "init_from": init_from,
-                           "fault": fault},
+                           "fault": fault, "distrust": list(distrust)},
         scaling_config=scaling_config(ray_cfg),
         run_config=RunConfig(
             name=cfg.stage, storage_path=run_dir,
@@ -214,9 +341,10 @@ _fit_stage_task = ray.remote(num_cpus=0, max_retries=0)(fit_stage)
 
 
 def fit_stage_on_ray(cfg: StageConfig, ray_cfg: RayConfig, run_dir: Path,
-                     init_from: str | None) -> dict[str, Any]:
+                     init_from: str | None, distrust: Sequence[str] = ()) -> dict[str, Any]:
     """Run :func:`fit_stage` as a Ray task and wait; Ctrl-C cancels it and its workers."""
-    ref = _fit_stage_task.remote(cfg, ray_cfg, str(run_dir), init_from, fault_from_env())
+    ref = _fit_stage_task.remote(cfg, ray_cfg, str(run_dir), init_from, fault_from_env(),
+                                 distrust)
     try:
         return ray.get(ref)
     except KeyboardInterrupt:
@@ -230,17 +358,25 @@ def fit_stage_on_ray(cfg: StageConfig, ray_cfg: RayConfig, run_dir: Path,
         raise
 
 
-def fit_stage_locally(cfg: StageConfig, run_dir: Path, init_from: str | None) -> dict[str, Any]:
-    """Run the stage in this process (``ray.num_workers: 0``), resuming its last checkpoint."""
+def fit_stage_locally(cfg: StageConfig, run_dir: Path, init_from: str | None,
+                      distrust: Sequence[str] = ()) -> dict[str, Any]:
+    """Run the stage in this process (``ray.num_workers: 0``), resuming its newest intact
+    checkpoint (``checkpoint.pt``, else ``checkpoint.prev.pt``)."""
     folder = run_dir / cfg.stage / "local"
     ckpt = folder / CKPT_FILE
-    resume_from = ckpt if ckpt.is_file() else None
+    resume_from, corrupt = pick_resume_checkpoint(rotation_candidates(ckpt), cfg.stage,
+                                                  distrust=distrust)
+    for item in corrupt:  # set aside, so that the next rotation cannot make it ".prev"
+        aside = Path(item["path"] + ".corrupt")
+        os.replace(item["path"], aside)
+        item["kept_as"] = str(aside)
     hooks = [ConsoleHook(), CheckpointHook(folder), FaultHook(0, fault_from_env())]
     result = run_stage(cfg, hooks=hooks, resume_from=resume_from, init_from=init_from)
     if not ckpt.is_file():
         raise CheckpointError(f"the {cfg.stage} stage finished without writing {ckpt}")
     out = _jsonable(result.to_dict())
     out["resumed_from"] = str(resume_from) if resume_from else None
+    out["corrupt_checkpoints"] = corrupt
     return {"checkpoint": str(ckpt), "result": out}
 
 
@@ -251,11 +387,31 @@ def _sha_or_none(path: str | None) -> str | None:
     return file_sha256(path) if path and Path(path).is_file() else None
 
 
+def _damaged_final(rec: Mapping[str, Any]) -> str | None:
+    """A done stage's final checkpoint if it is still there but no longer has the recorded
+    size and SHA-256 (disk or copy damage, even where it still loads), else None."""
+    ckpt = rec.get("checkpoint")
+    if rec.get("status") != "done" or not ckpt or not Path(ckpt).is_file():
+        return None
+    fields = checkpoint_fields(Path(ckpt))
+    same = all(rec.get(k) == fields[k] for k in ("checkpoint_bytes", "checkpoint_sha256"))
+    return None if same else ckpt
+
+
+def _distrusted(rec: Mapping[str, Any]) -> list[str]:
+    """Checkpoints of a stage never to resume from: a damaged final one, and those found
+    damaged before (kept in ``run.json``: Ray may still call one its latest)."""
+    damaged = _damaged_final(rec)
+    return sorted({*rec.get("distrust", []), *([damaged] if damaged else [])})
+
+
 def _needs_fresh_start(rec: Mapping[str, Any], init_sha: str | None) -> bool:
-    """Whether a stage's old run folder is stale: it finished before, or had another input."""
-    if rec.get("status") == "done":
-        return True  # done but invalidated (checkpoint lost, or an earlier stage re-ran)
-    return "init_from_sha256" in rec and rec["init_from_sha256"] != init_sha
+    """Whether a stage's old run folder is stale: it had another input, or it finished and
+    runs again because an earlier stage re-ran or its checkpoint is gone. A damaged final
+    checkpoint is not: the stage resumes from the one before."""
+    if "init_from_sha256" in rec and rec["init_from_sha256"] != init_sha:
+        return True
+    return rec.get("status") == "done" and _damaged_final(rec) is None
 
 
 def run_one_stage(record: RunRecord, cfg: StageConfig, ray_cfg: RayConfig,
@@ -273,15 +429,17 @@ def run_one_stage(record: RunRecord, cfg: StageConfig, ray_cfg: RayConfig,
     if ray_cfg.num_workers > 0:
         session.ensure()  # before "running": a ResourceError is not a failed stage
     init_sha = _sha_or_none(init_from)
+    distrust = _distrusted(record.stage(name))
     if _needs_fresh_start(record.stage(name), init_sha):
         shutil.rmtree(run_dir / name, ignore_errors=True)
+        distrust = []
     record.update(name, status="running", started=_now(), init_from=init_from,
-                  init_from_sha256=init_sha, error=None,
+                  init_from_sha256=init_sha, error=None, distrust=distrust,
                   attempts=record.stage(name).get("attempts", 0) + 1)
     t0 = time.perf_counter()
     try:
-        out = (fit_stage_locally(cfg, run_dir, init_from) if ray_cfg.num_workers == 0
-               else fit_stage_on_ray(cfg, ray_cfg, run_dir, init_from))
+        out = (fit_stage_locally(cfg, run_dir, init_from, distrust) if ray_cfg.num_workers == 0
+               else fit_stage_on_ray(cfg, ray_cfg, run_dir, init_from, distrust))
     except BaseException as e:
         error = ("interrupted" if isinstance(e, KeyboardInterrupt)
                  else f"{type(e).__name__}: {error_summary(e)}")
@@ -306,6 +464,7 @@ def _record_done(record: RunRecord, name: str, out: Mapping[str, Any], wall_s: f
     record.update(name, status="done", wall_s=round(wall_s, 3), finished=_now(),
                   metrics=result.get("metrics"), result=result,
                   epochs_run=result.get("epochs_run"), resumed_from=result.get("resumed_from"),
+                  corrupt_checkpoints=result.get("corrupt_checkpoints") or [],
                   timing=timing, **checkpoint_fields(Path(out["checkpoint"])))
 
 
@@ -334,7 +493,7 @@ def run_stages(record: RunRecord, stages: Mapping[str, StageConfig], ray_cfg: Ra
     return prev
 
 
-def error_summary(exc: BaseException, limit: int = 300) -> str:
+def error_summary(exc: BaseException, limit: int = 500) -> str:
     """One line: per failed worker ``rank N: Type: message``, or the exception's message."""
     failures = getattr(exc, "worker_failures", None)
     if failures:
