@@ -21,7 +21,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from dsnet.layers import DSBatchNorm2d, swish
+from dsnet.layers import DSBatchNorm2d, fresh_swish
 from dsnet.model import DepthwiseSeparableBlock, DSNet
 
 
@@ -79,16 +79,16 @@ class _Routed:
 def _masked_pre(block: DepthwiseSeparableBlock, x: torch.Tensor, part: _Routed) -> torch.Tensor:
     """conv_dw -> BN -> Swish -> attention head on (B, part.width, H, W), masked."""
     x = block.conv_dw(x) * part.mask            # depthwise: width follows x.size(1)
-    x = swish(part.bn(block.bn1, x))
+    x = fresh_swish(part.bn(block.bn1, x))
     # The attention head needs no mask: zeroed channels add nothing to its pool/reduce
     # and stay zero after its multiply.
-    return block.gate(x)
+    return block.gate(x, inplace=True)
 
 
 def _masked_post(block: DepthwiseSeparableBlock, x: torch.Tensor, part: _Routed) -> torch.Tensor:
     """conv_pw to part.width -> BN -> Swish, masked."""
     x = block.conv_pw(x, part.width) * part.mask
-    return swish(part.bn(block.bn2, x))
+    return fresh_swish(part.bn(block.bn2, x))
 
 
 def routed_parts(model: DSNet, onehot: torch.Tensor, full_width: bool = False) -> list[_Routed]:

@@ -23,7 +23,7 @@ from dsnet.layers import (
     DSDepthwiseConv2d,
     DSLinear,
     DSPointwiseConv2d,
-    swish,
+    fresh_swish,
 )
 from dsnet.registry import register_model
 
@@ -46,12 +46,12 @@ class DepthwiseSeparableBlock(nn.Module):
 
     def forward_pre(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Up to the attention head: (features (B, C_in, H', W'), reduced (B, r, 1, 1))."""
-        x = swish(self.bn1(self.conv_dw(x)))
-        return self.gate.forward_with_reduced(x)
+        x = fresh_swish(self.bn1(self.conv_dw(x)))
+        return self.gate.forward_with_reduced(x, inplace=True)
 
     def forward_post(self, x: torch.Tensor, out_width: int) -> torch.Tensor:
         """From ``conv_pw`` on: (B, C_in, H, W) -> (B, out_width, H, W)."""
-        return swish(self.bn2(self.conv_pw(x, out_width)))
+        return fresh_swish(self.bn2(self.conv_pw(x, out_width)))
 
     def forward(self, x: torch.Tensor, out_width: int) -> torch.Tensor:
         return self.forward_post(self.forward_pre(x)[0], out_width)
@@ -200,7 +200,7 @@ class DSNet(nn.Module):
 
     def forward_widths(self, x: torch.Tensor, widths: Sequence[int]) -> torch.Tensor:
         """Run the static subnet with one output width per part (stem first)."""
-        x = swish(self.bn1(self.conv_stem(x, widths[0])))    # (B, stem, H/s, W/s)
+        x = fresh_swish(self.bn1(self.conv_stem(x, widths[0])))    # (B, stem, H/s, W/s)
         for stage, width in zip(self.blocks, widths[1:]):
             x = stage(x, width)                               # (B, width, h, w)
         largest = tuple(widths) == self.arch.largest_widths()
@@ -222,7 +222,7 @@ class DSNet(nn.Module):
         """
         widths = self.arch.uniform_widths(self.routing_space[0])
         g = self.arch.gate_stage
-        x = swish(self.bn1(self.conv_stem(x, widths[0])))
+        x = fresh_swish(self.bn1(self.conv_stem(x, widths[0])))
         for stage, width in zip(self.blocks[:g], widths[1:g + 1]):
             x = stage(x, width)
         feats, reduced = self.blocks[g].first_block.forward_pre(x)

@@ -306,4 +306,9 @@ def _fail(message: str, code: int, debug: bool) -> int:
 
 
 if __name__ == "__main__":
+    # A process of its own: keep freed activation memory for the next batch (glibc only;
+    # see dsnet.allocator). Not in main(), which tests and other programs call in-process.
+    from dsnet.allocator import keep_freed_memory
+
+    keep_freed_memory()
     sys.exit(main())

@@ -10,6 +10,7 @@ import torch
 
 import dsnet
 from dsnet.export import export_subnet
+from dsnet.layers import DSConv2d, Swish, clear_slice_caches
 
 DATA = Path(__file__).parent / "data"
 RELEASE_MADDS = [132_890_144, 152_917_184, 175_151_968, 199_594_496, 226_244_768,
@@ -98,13 +99,58 @@ def test_every_model_runs_every_mode(name):
 
 @pytest.mark.parametrize("subnet", ["largest", 0, 6, 13])
 def test_sliced_forward_equals_dense_network(subnet):
+    """The export does the supernet's arithmetic on copies: bitwise equal logits (with
+    and without autograd); the fused-SiLU export is within rounding."""
     model = small_model()
     dense = export_subnet(model, subnet)
     assert all(type(m).__module__.startswith(("torch.nn", "dsnet.export"))
-               for m in dense.modules())
+               or type(m) is Swish for m in dense.modules())
     x = torch.randn(4, 1, 28, 28)
     with torch.no_grad():
-        torch.testing.assert_close(model(x, subnet=subnet), dense(x), rtol=1e-4, atol=1e-5)
+        assert torch.equal(model(x, subnet=subnet), dense(x))
+        torch.testing.assert_close(export_subnet(model, subnet, silu=True)(x), dense(x),
+                                   rtol=1e-5, atol=1e-6)
+    assert torch.equal(model(x, subnet=subnet).detach(), dense(x).detach())
+
+
+def test_slice_cache_reuses_copies_and_follows_weight_changes():
+    """Inference reuses contiguous copies of strided slices; any in-place weight change
+    (optimizer step, load_state_dict) is seen at once; autograd always gets views."""
+    model = small_model()
+    convs = [m for m in model.modules() if isinstance(m, DSConv2d)]
+    x = torch.randn(2, 1, 28, 28)
+    with torch.inference_mode():
+        first = model(x, subnet=5)
+    cached = sum(len(c.slice_cache) for c in convs)
+    assert cached > 0
+    with torch.inference_mode():
+        assert torch.equal(model(x, subnet=5), first)  # served from the cache ...
+    assert sum(len(c.slice_cache) for c in convs) == cached  # ... without new entries
+    conv = model.blocks[4].residual_blocks[0].conv_pw
+    ((stamp, copy),) = [v for k, v in conv.slice_cache._entries.items()]
+    assert copy.is_contiguous() and copy.data_ptr() != conv.weight.data_ptr()
+
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    model(x, subnet=5).square().sum().backward()   # grad mode: views, nothing cached
+    opt.step()
+    with torch.no_grad():
+        after_step = model(x, subnet=5)
+        reference = model(x, subnet=5)
+    with torch.enable_grad():
+        fresh = model(x, subnet=5).detach()
+    assert not torch.equal(after_step, first)
+    assert torch.equal(after_step, fresh) and torch.equal(reference, fresh)
+
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    state["blocks.4.residual_blocks.0.conv_pw.weight"].mul_(-1)
+    model.load_state_dict(state)
+    with torch.no_grad():
+        assert torch.equal(model(x, subnet=5), model(x, subnet=5).detach())
+        loaded = model(x, subnet=5)
+    assert torch.equal(loaded, model(x, subnet=5).detach())
+    assert not torch.equal(loaded, after_step)
+    clear_slice_caches(model)
+    assert sum(len(c.slice_cache) for c in convs) == 0
 
 
 def test_export_is_scriptable():
