@@ -62,6 +62,32 @@ def _brief(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
 
 
+# torch.save writes a zip archive; files of torch < 1.6 (and the release's era) a raw pickle,
+# whose first opcode is PROTO (0x80).
+_ZIP_MAGIC, _PICKLE_PROTO = b"PK\x03\x04", 0x80
+
+
+def _check_magic(path: Path) -> None:
+    """Refuse a file that is neither format (a text file, an image) with a plain message
+    instead of the unpickler's, which suggests loading it unsafely."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if not head:
+        raise CheckpointError(f"{path} is empty (0 bytes); re-download or re-create it")
+    if head != _ZIP_MAGIC and head[0] != _PICKLE_PROTO:
+        raise CheckpointError(f"{path} is not a checkpoint file (neither a PyTorch zip "
+                              f"archive nor a pickle: it starts with {head!r})")
+
+
+def _unpickling_reason(exc: pickle.UnpicklingError) -> str:
+    """The useful line of torch's weights-only error (the rest advises loading unsafely)."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    reason = next((ln for ln in lines if "WeightsUnpickler error:" in ln), lines[0] if lines
+                  else type(exc).__name__)
+    reason = reason.split("WeightsUnpickler error:")[-1].strip()
+    return reason.split(". Please use")[0]
+
+
 def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """Load a checkpoint file safely and return it as a dict.
 
@@ -71,12 +97,13 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist (check the path)")
+    _check_magic(path)
     try:
         with torch.serialization.safe_globals(SAFE_GLOBALS):
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path} is not a loadable checkpoint: {first}") from e
+        raise CheckpointError(f"{path} is not a loadable checkpoint: {_unpickling_reason(e)}; "
+                              "dsnet loads weights only and will not run pickled code") from e
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
         raise CheckpointError(f"{path} is truncated or corrupt ({_brief(e)}); "
                               "re-download or re-create it") from e

@@ -47,6 +47,7 @@ from pipelines.runtime import (
     RaySession,
     ResourceError,
     attaching,
+    check_local_cpus,
     check_local_gpu,
     check_output_dir,
     trap_sigterm,
@@ -198,6 +199,7 @@ def check_inputs(plan: Plan) -> None:
         if local or cfg.dataset not in _FOLDER_DATASETS:  # else the folder is the cluster's
             check_data(cfg)
     check_models(plan.stages)
+    check_local_cpus(plan.ray, address)
     check_local_gpu(plan.ray, address)
     check_output_dir(plan.run_dir, plan.ray.min_free_mb)
 

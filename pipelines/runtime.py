@@ -80,12 +80,7 @@ def check_resources(ray_cfg: RayConfig) -> None:
     if n == 0:
         return
     total = ray.cluster_resources()
-    cpus = n * ray_cfg.cpus_per_worker
-    have = total.get("CPU", 0.0)
-    if cpus > have + _EPS:
-        raise ResourceError(
-            f"needs {cpus:g} CPUs for {n} workers x {ray_cfg.cpus_per_worker:g} CPU but the "
-            f"cluster has {have:g}; lower --num-workers or ray.cpus_per_worker")
+    _check_cpus(ray_cfg, total.get("CPU", 0.0), "the cluster has")
     gpus = n * worker_gpus(ray_cfg)
     have_gpu = total.get("GPU", 0.0)
     if gpus > have_gpu + _EPS:
@@ -93,6 +88,22 @@ def check_resources(ray_cfg: RayConfig) -> None:
             f"needs {gpus:g} GPUs for {n} workers x {worker_gpus(ray_cfg):g} GPU but the "
             f"cluster has {have_gpu:g}; drop --use-gpu or lower --num-workers or "
             f"ray.gpus_per_worker")
+
+
+def _check_cpus(ray_cfg: RayConfig, have: float, where: str) -> None:
+    cpus = ray_cfg.num_workers * ray_cfg.cpus_per_worker
+    if cpus > have + _EPS:
+        raise ResourceError(
+            f"needs {cpus:g} CPUs for {ray_cfg.num_workers} workers x "
+            f"{ray_cfg.cpus_per_worker:g} CPU but {where} {have:g}; lower --num-workers or "
+            "ray.cpus_per_worker")
+
+
+def check_local_cpus(ray_cfg: RayConfig, address: str | None) -> None:
+    """The CPU part of :func:`check_resources` for a Ray this command would start on this
+    machine (``num_cpus=os.cpu_count()``): found before Ray's seconds of start-up."""
+    if ray_cfg.num_workers > 0 and not attaching(address):
+        _check_cpus(ray_cfg, float(os.cpu_count() or 1), "this machine has")
 
 
 def check_local_gpu(ray_cfg: RayConfig, address: str | None) -> None:

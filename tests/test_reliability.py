@@ -438,3 +438,18 @@ def test_killed_worker_is_restarted_and_resumes(
     assert st["epochs_run"] == [1]  # epoch 0 came from its checkpoint, not recomputed
     assert Path(st["resumed_from"]).parent.parent == run_dir / "supernet"
     assert st["corrupt_checkpoints"] == [] and st["metrics"]["epoch"] == 1
+
+
+def test_too_many_workers_for_this_machine_fails_before_ray_starts(tmp_path: Path) -> None:
+    """A local run asking more CPUs than the machine has: exit 2 in a second or two, one
+    line, and no Ray start-up (its log lines would precede the error)."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    t0 = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "pipelines.full", "--output", str(tmp_path),
+                           "--num-workers", "512"], cwd=REPO_ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip() == (
+        f"error: needs 512 CPUs for 512 workers x 1 CPU but this machine has {os.cpu_count()}; "
+        "lower --num-workers or ray.cpus_per_worker")
+    assert time.monotonic() - t0 < 60
