@@ -17,8 +17,8 @@ crop, ImageNet mean/std), converted to the model's ``in_chans``. One line per in
 ``subnet`` is the uniform subnet that classified the image (the routed one with
 ``--subnet dynamic``, the default), or ``largest``. ``--csv`` writes the same rows
 atomically. Errors print one line on stderr (a traceback with ``--debug``): exit 2 for a
-usage problem (bad flag or --subnet, missing checkpoint or input, no images found), 1 for a
-runtime failure (unreadable checkpoint or image). Ray is never imported.
+usage problem (bad flag or --subnet, a missing or unusable checkpoint, a missing input, no
+images found), 1 for a runtime failure (an unreadable image). Ray is never imported.
 """
 
 from __future__ import annotations
@@ -204,8 +204,8 @@ def load_model(path: str, subnet: int | str, use_ema: bool,
         raise UsageError(f"checkpoint {path} does not exist")
     try:
         model, ckpt = model_from_checkpoint(path, use_ema=use_ema)
-    except CheckpointError as e:
-        raise PredictError(str(e)) from e
+    except CheckpointError as e:  # a bad input, as in the pipeline commands: exit 2
+        raise UsageError(str(e)) from e
     if subnet != "dynamic":
         try:
             model.arch.resolve(subnet)

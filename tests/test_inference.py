@@ -213,7 +213,7 @@ def test_predict_static_subnet(predict_setup, subnet):
     ("bad_subnet_name", 2, "--subnet"),
     ("subnet_out_of_range", 2, "[0, 13]"),
     ("no_inputs", 2, "required"),
-    ("corrupt_checkpoint", 1, "not a loadable checkpoint"),
+    ("corrupt_checkpoint", 2, "is not a checkpoint file (neither a PyTorch zip archive"),
     ("unreadable_image", 1, "cannot read image"),
 ])
 def test_predict_errors_are_one_line(predict_setup, tmp_path, case, code, message):
