@@ -60,33 +60,33 @@ class Swish(nn.Module):
 
 
 class SliceCache:
-    """Contiguous copies of weight slices, reused across inference calls.
+    """Leading slices of parameters (``w[:out, :in]``), reused across inference calls.
 
     A slice of the first ``n`` output filters is a contiguous view, but cutting the *input*
-    channels too (``w[:out, :in]``) is strided, and the convolution kernels copy a strided
-    weight on every call (~1.5 ms of a 20 ms DS-MBNet batch-1 forward). Outside autograd
-    (no_grad / inference_mode), the copy is kept per ``(out, in)`` and reused while the
-    weight is unchanged: an entry is stamped with the tensor's version counter (bumped by
-    every in-place write: optimizer steps, ``load_state_dict``, EMA updates) and its
+    channels too is strided, and the convolution kernels copy a strided weight on every call
+    (~1.5 ms of a 20 ms DS-MBNet batch-1 forward); even a view costs a few microseconds of
+    Python and dispatch per layer and call. Outside autograd (no_grad / inference_mode) the
+    slice (a contiguous copy where the view is strided) is kept per size and reused while
+    the tensor is unchanged: an entry is stamped with the tensor's version counter (bumped
+    by every in-place write: optimizer steps, ``load_state_dict``, EMA updates) and its
     storage, device and dtype (``.to()``/``.half()``). Writes through ``.data`` bypass the
-    version counter: call :func:`clear_slice_caches` after them. At most one copy per width
-    pair is held (DS-MBNet, all 14 subnets used: ~0.1 GB).
+    version counter: call :func:`clear_slice_caches` after them. At most one copy per size
+    is held (DS-MBNet, all 14 subnets used: ~0.1 GB). With autograd, plain views.
     """
 
     def __init__(self) -> None:
-        self._entries: dict[tuple[int, int], tuple[tuple, torch.Tensor]] = {}
+        self._entries: dict[tuple[int, ...], tuple[tuple, torch.Tensor]] = {}
 
-    def get(self, weight: torch.Tensor, out_c: int, in_c: int) -> torch.Tensor:
-        """``weight[:out_c, :in_c]``: a view with autograd or when already contiguous,
-        else a cached contiguous copy."""
-        view = weight[:out_c, :in_c]
-        if view.is_contiguous() or torch.is_grad_enabled():
-            return view
-        stamp = (weight._version, weight.data_ptr(), weight.device, weight.dtype)
-        hit = self._entries.get((out_c, in_c))
+    def get(self, tensor: torch.Tensor, *sizes: int) -> torch.Tensor:
+        """``tensor[:sizes[0], :sizes[1], ...]``, contiguous without autograd."""
+        if torch.is_grad_enabled():
+            return tensor[tuple(slice(None, n) for n in sizes)]
+        stamp = (tensor._version, tensor.data_ptr(), tensor.device, tensor.dtype)
+        hit = self._entries.get(sizes)
         if hit is None or hit[0] != stamp:
-            hit = (stamp, view.contiguous())
-            self._entries[(out_c, in_c)] = hit
+            view = tensor[tuple(slice(None, n) for n in sizes)]
+            hit = (stamp, view if view.is_contiguous() else view.contiguous())
+            self._entries[sizes] = hit
         return hit[1]
 
     def clear(self) -> None:
@@ -97,11 +97,11 @@ class SliceCache:
 
 
 def clear_slice_caches(model: nn.Module) -> None:
-    """Drop every cached weight slice of ``model`` (after writing weights via ``.data``)."""
+    """Drop every cached slice of ``model`` (after writing weights via ``.data``)."""
     for m in model.modules():
-        cache = getattr(m, "slice_cache", None)
-        if isinstance(cache, SliceCache):
-            cache.clear()
+        for cache in vars(m).values():
+            if isinstance(cache, SliceCache):
+                cache.clear()
 
 
 def _same_padding(kernel_size: int, stride: int, dilation: int = 1) -> int:
@@ -130,7 +130,7 @@ class DSConv2d(nn.Conv2d):
         """Convolve ``x`` (B, C_in_active, H, W) to ``out_channels`` (default: widest)."""
         out_c = self.out_channels if out_channels is None else out_channels
         weight = self.slice_cache.get(self.weight, out_c, x.size(1))  # (C_out_a, C_in_a, k, k)
-        bias = self.bias[:out_c] if self.bias is not None else None
+        bias = self.slice_cache.get(self.bias, out_c) if self.bias is not None else None
         return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, 1)
 
 
@@ -148,11 +148,13 @@ class DSDepthwiseConv2d(nn.Conv2d):
                  bias: bool = False) -> None:
         super().__init__(channels, channels, kernel_size, stride=stride,
                          padding=_same_padding(kernel_size, stride), groups=channels, bias=bias)
+        self.slice_cache = SliceCache()  # keys: (c, 1) the weight, (c,) the bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         c = x.size(1)
-        bias = self.bias[:c] if self.bias is not None else None
-        return F.conv2d(x, self.weight[:c], bias, self.stride, self.padding, self.dilation, c)
+        bias = self.slice_cache.get(self.bias, c) if self.bias is not None else None
+        weight = self.slice_cache.get(self.weight, c, 1)             # (C_a, 1, k, k)
+        return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, c)
 
 
 class DSBatchNorm2d(nn.Module):
@@ -176,11 +178,15 @@ class DSBatchNorm2d(nn.Module):
         self.aux_bn = nn.ModuleList([nn.BatchNorm2d(w, affine=False) for w in self.widths[:-1]])
         self.aux_bn.append(nn.BatchNorm2d(self.widths[-1], eps=eps, momentum=momentum))
         self._index = {w: i for i, w in enumerate(self.widths)}
+        # The same modules as a plain tuple (not registered twice): ModuleList indexing costs
+        # microseconds per call, which add up to ~10 % of a small model's batch-1 forward.
+        self._bns: tuple[nn.BatchNorm2d, ...] = tuple(self.aux_bn)
+        self.weight_slices, self.bias_slices = SliceCache(), SliceCache()
 
     def bn_for_width(self, width: int) -> nn.BatchNorm2d:
         """The BatchNorm holding the running statistics of ``width``."""
         try:
-            return self.aux_bn[self._index[width]]
+            return self._bns[self._index[width]]
         except KeyError:
             raise ValueError(f"width {width} is not one of this BatchNorm's widths "
                              f"{self.widths}") from None
@@ -188,7 +194,7 @@ class DSBatchNorm2d(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         c = x.size(1)
         stats = self.bn_for_width(c)
-        shared = self.aux_bn[-1]
+        shared = self._bns[-1]
         # As the release: every width (the widest too) normalises with its own running
         # statistics, the shared affine's first c entries and the shared momentum/eps.
         momentum = shared.momentum
@@ -197,8 +203,10 @@ class DSBatchNorm2d(nn.Module):
             if self.training:  # counted per width
                 stats.num_batches_tracked.add_(1)
                 momentum = 1.0 / float(stats.num_batches_tracked)
-        return F.batch_norm(x, stats.running_mean, stats.running_var, shared.weight[:c],
-                            shared.bias[:c], self.training, momentum, shared.eps)
+        return F.batch_norm(x, stats.running_mean, stats.running_var,
+                            self.weight_slices.get(shared.weight, c),
+                            self.bias_slices.get(shared.bias, c), self.training, momentum,
+                            shared.eps)
 
 
 class DSLinear(nn.Linear):

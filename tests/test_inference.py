@@ -241,7 +241,7 @@ def test_predict_debug_shows_traceback(predict_setup, tmp_path):
     _, _, _, paths = predict_setup
     (tmp_path / "bad.pth").write_bytes(b"garbage")
     res = run_module("--checkpoint", str(tmp_path / "bad.pth"), "--debug", str(paths[0]))
-    assert res.returncode == 1 and "Traceback" in res.stderr
+    assert res.returncode == 2 and "Traceback" in res.stderr
 
 
 # ----------------------------------------------------------------------------- benchmark
