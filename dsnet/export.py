@@ -213,7 +213,8 @@ class DynamicStaticNet(nn.Module):
             rows = (index == k).nonzero().flatten()
             # Empty groups are skipped: a zero-batch conv still costs a kernel launch.
             if rows.numel() > 0:
-                logits.index_copy_(0, rows, tail(feats.index_select(0, rows)))
+                # feats[rows] keeps a channels-last layout (index_select would not)
+                logits.index_copy_(0, rows, tail(feats[rows]))
         return logits, self.subnets[index]
 
 

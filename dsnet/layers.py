@@ -59,6 +59,19 @@ class Swish(nn.Module):
         return fresh_swish(x)
 
 
+def _dense(whole: torch.Tensor, view: torch.Tensor) -> torch.Tensor:
+    """``view`` itself if dense, else a dense copy in ``whole``'s memory format (a
+    channels-last model keeps channels-last weights)."""
+    if view.dim() != 4:
+        return view if view.is_contiguous() else view.contiguous()
+    # A 1x1 kernel is dense in both layouts; keep the standard one then: oneDNN picks its
+    # algorithm by the strides, and equal strides keep exports bitwise equal.
+    fmt = (torch.channels_last if not whole.is_contiguous()
+           and whole.is_contiguous(memory_format=torch.channels_last)
+           else torch.contiguous_format)
+    return view if view.is_contiguous(memory_format=fmt) else view.contiguous(memory_format=fmt)
+
+
 class SliceCache:
     """Leading slices of parameters (``w[:out, :in]``), reused across inference calls.
 
@@ -84,8 +97,7 @@ class SliceCache:
         stamp = (tensor._version, tensor.data_ptr(), tensor.device, tensor.dtype)
         hit = self._entries.get(sizes)
         if hit is None or hit[0] != stamp:
-            view = tensor[tuple(slice(None, n) for n in sizes)]
-            hit = (stamp, view if view.is_contiguous() else view.contiguous())
+            hit = (stamp, _dense(tensor, tensor[tuple(slice(None, n) for n in sizes)]))
             self._entries[sizes] = hit
         return hit[1]
 

@@ -198,6 +198,8 @@ def resolve_device(name: str) -> torch.device:
 def load_model(path: str, subnet: int | str, use_ema: bool,
                device: torch.device) -> tuple[nn.Module, dict]:
     """Rebuild the model from a self-describing checkpoint and check ``subnet`` against it."""
+    import torch
+
     from dsnet.checkpoint import CheckpointError, model_from_checkpoint
 
     if not Path(path).is_file():
@@ -211,7 +213,10 @@ def load_model(path: str, subnet: int | str, use_ema: bool,
             model.arch.resolve(subnet)
         except ValueError as e:
             raise UsageError(f"--subnet: {e}") from None
-    return model.to(device).eval(), ckpt
+    # Channels-last is the layout CPU convolutions run fastest in (DS-MBNet's trunk 1.5-1.7x,
+    # bench/inference.py); the weight slices keep it (dsnet.layers.SliceCache).
+    layout = torch.channels_last if device.type == "cpu" else torch.contiguous_format
+    return model.to(device, memory_format=layout).eval(), ckpt
 
 
 def class_names(ckpt: dict, num_classes: int) -> list[str] | None:
@@ -231,6 +236,8 @@ def classify(model: nn.Module, images: Sequence[Path], transform: Transform, sub
     for start in range(0, len(images), batch_size):
         paths = images[start:start + batch_size]
         x = torch.stack([load_image(p, transform) for p in paths]).to(device)  # (B, C, S, S)
+        if device.type == "cpu":
+            x = x.contiguous(memory_format=torch.channels_last)  # as load_model's weights
         with torch.inference_mode():
             logits, choices = model(x, subnet=subnet, return_choices=True)      # (B, N), (B,)
             confidence, label = logits.float().softmax(1).max(1)

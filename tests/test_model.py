@@ -289,3 +289,19 @@ def test_initialisation_follows_release_scheme():
     assert model.classifier.weight.abs().max() <= bound and model.classifier.bias.abs().sum() == 0
     bn = model.blocks[0].first_block.bn2.aux_bn[-1]
     assert torch.all(bn.weight == 1) and torch.all(bn.bias == 0)
+
+
+def test_channels_last_model_gives_the_same_logits():
+    """A channels-last supernet (the fast CPU layout) computes what the default one does;
+    its cached slices keep the layout of 3x3 kernels."""
+    model = small_model(in_chans=3)  # an RGB stem: the one 3x3 kernel with several inputs
+    x = torch.randn(6, 3, 28, 28)
+    with torch.inference_mode():
+        ref = {s: model(x, subnet=s) for s in (0, 6, "largest", "dynamic")}
+        model.to(memory_format=torch.channels_last)
+        xc = x.contiguous(memory_format=torch.channels_last)
+        for s, want in ref.items():
+            torch.testing.assert_close(model(xc, subnet=s), want, rtol=1e-4, atol=1e-5)
+    stem = model.conv_stem.slice_cache._entries          # (16, 3, 3, 3): 8 and 16 filters
+    assert len(stem) == 2
+    assert all(w.is_contiguous(memory_format=torch.channels_last) for _, w in stem.values())
