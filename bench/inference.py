@@ -65,6 +65,7 @@ from torch import nn  # noqa: E402
 
 import dsnet  # noqa: E402
 from dsnet.allocator import allocator_settings, keep_freed_memory  # noqa: E402
+from dsnet.atomic import atomic_write_text  # noqa: E402
 from dsnet.bn_calibration import recalibrate_bn  # noqa: E402
 from dsnet.evaluate import save_figure  # noqa: E402
 from dsnet.export import export_dynamic, export_subnet  # noqa: E402
@@ -526,11 +527,8 @@ def plot(results: list[dict[str, Any]], model: str, path: Path) -> None:
 
 
 def write_json(obj: Any, path: Path) -> None:
-    """Write JSON atomically (temporary file + rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1) + "\n")
-    os.replace(tmp, path)
+    """Write JSON atomically (:func:`dsnet.atomic.atomic_write_text`)."""
+    atomic_write_text(path, json.dumps(obj, indent=1) + "\n")
 
 
 # ----------------------------------------------------------------------------- command line

@@ -12,7 +12,6 @@ import hashlib
 import os
 import pickle
 import platform
-import tempfile
 import zipfile
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -20,6 +19,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from dsnet.atomic import atomic_write
 
 FORMAT = "dsnet-checkpoint"
 FORMAT_VERSION = 1
@@ -31,19 +32,8 @@ class CheckpointError(ValueError):
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
-    """``torch.save`` to a temporary file in the same folder, then rename over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """``torch.save`` to ``path`` atomically and durably (:func:`dsnet.atomic.atomic_write`)."""
+    atomic_write(path, lambda f: torch.save(obj, f), binary=True, fsync=True)
 
 
 def file_sha256(path: str | os.PathLike) -> str:

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -13,6 +10,7 @@ from typing import Any
 import torch
 
 from dsnet.arch import Subnet
+from dsnet.atomic import atomic_copy, atomic_write, atomic_write_text
 from dsnet.distributed import DistContext
 from dsnet.madds import count_madds, routing_madds
 
@@ -82,14 +80,6 @@ def evaluate_dynamic(model: torch.nn.Module, loader: Iterable, dist: DistContext
     return row
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def interpolate_static(rows: Sequence[dict], madds: float) -> float:
     """Static subnets' top-1 linearly interpolated at ``madds`` (clamped to the ends)."""
     pts = sorted((r["madds"], r["top1"]) for r in rows if isinstance(r["subnet"], int))
@@ -129,13 +119,11 @@ def save_figure(fig: Any, path: Path) -> None:
     """Save a matplotlib figure as PNG atomically (temp file + rename) and close it."""
     import matplotlib.pyplot as plt
 
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    os.close(fd)
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        fig.tight_layout()
+        atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120), binary=True)
+    finally:
+        plt.close(fig)
 
 
 def write_results(results_dir: str | Path, result: Any, final_checkpoint: str | Path) -> None:
@@ -152,19 +140,16 @@ def write_results(results_dir: str | Path, result: Any, final_checkpoint: str | 
     results_dir = Path(results_dir)
     subnets = _field(result, "subnets") or []
     dynamic = _field(result, "dynamic")
-    _atomic_write_text(results_dir / "subnets.csv",
+    atomic_write_text(results_dir / "subnets.csv",
                        pd.DataFrame(subnets, columns=["subnet", "madds", "top1", "top5"])
                        .to_csv(index=False))
     if dynamic is not None:
         row = {k: dynamic[k] for k in ("top1", "top5", "madds")}
         row["choices"] = json.dumps(dynamic.get("choices", {}))
-        _atomic_write_text(results_dir / "dynamic.csv", pd.DataFrame([row]).to_csv(index=False))
+        atomic_write_text(results_dir / "dynamic.csv", pd.DataFrame([row]).to_csv(index=False))
     if subnets:
         plot_accuracy_madds(results_dir / "accuracy_madds.png", subnets, dynamic)
-    fd, tmp = tempfile.mkstemp(prefix=".dsnet_final.", dir=results_dir)
-    os.close(fd)
-    shutil.copyfile(final_checkpoint, tmp)
-    os.replace(tmp, results_dir / "dsnet_final.pt")
+    atomic_copy(final_checkpoint, results_dir / "dsnet_final.pt")
 
 
 def _field(result: Any, name: str) -> Any:

@@ -28,12 +28,11 @@ import csv
 import math
 import os
 import sys
-import tempfile
 import traceback
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import IO, TYPE_CHECKING
 
 if TYPE_CHECKING:
     import torch
@@ -247,20 +246,16 @@ def classify(model: nn.Module, images: Sequence[Path], transform: Transform, sub
 
 
 def write_csv(path: str | os.PathLike, rows: Sequence[Prediction]) -> None:
-    """Write the rows to ``path`` atomically (temporary file in the same folder + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(["path", "class", "confidence", "subnet"])
-            for r in rows:
-                writer.writerow([r.path, r.label, f"{r.confidence:.6f}", r.subnet])
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write the rows to ``path`` atomically (:func:`dsnet.atomic.atomic_write`)."""
+    from dsnet.atomic import atomic_write
+
+    def write(f: IO[str]) -> None:
+        writer = csv.writer(f)
+        writer.writerow(["path", "class", "confidence", "subnet"])
+        for r in rows:
+            writer.writerow([r.path, r.label, f"{r.confidence:.6f}", r.subnet])
+
+    atomic_write(path, write)
 
 
 def run(args: argparse.Namespace) -> list[Prediction]:

@@ -13,7 +13,6 @@ import math
 import os
 import platform
 import shlex
-import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -23,6 +22,7 @@ import ray
 import torch
 
 import dsnet
+from dsnet.atomic import atomic_write
 from dsnet.checkpoint import file_sha256
 from dsnet.config import ConfigError, RayConfig, StageConfig, config_to_dict
 
@@ -53,17 +53,8 @@ def _finite(obj: Any) -> Any:
 
 def atomic_write_json(path: Path, data: Mapping[str, Any]) -> None:
     """Write strict JSON to a temporary file in the same folder, then rename it over ``path``."""
-    data = _finite(data)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2, allow_nan=False, default=str)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    text = json.dumps(_finite(data), indent=2, allow_nan=False, default=str) + "\n"
+    atomic_write(path, lambda f: f.write(text))
 
 
 class RunRecord:

@@ -61,7 +61,6 @@ import os
 import re
 import shlex
 import sys
-import tempfile
 import time
 import traceback
 import typing
@@ -72,6 +71,7 @@ from typing import Any
 
 import yaml
 
+from dsnet.atomic import atomic_write_text
 from dsnet.checkpoint import CheckpointError
 from dsnet.config import (
     STAGES,
@@ -852,25 +852,13 @@ def label(row: Mapping[str, Any], keys: Sequence[str]) -> str:
     return " ".join(parts)
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_csvs(sweep_dir: Path, rows: Sequence[dict[str, Any]], front: Sequence[int],
                static: Sequence[dict[str, Any]], keys: Sequence[str]) -> None:
     """``trials.csv`` (every trial) and ``pareto.csv`` (the front, then the static series)."""
     import pandas as pd
 
     # dtype object: a column mixing ints and blanks stays "6", not "6.0"
-    _atomic_write_text(sweep_dir / "trials.csv",
+    atomic_write_text(sweep_dir / "trials.csv",
                        pd.DataFrame(list(rows), dtype=object).to_csv(index=False))
     front_rows = [{"series": "front", "supernet": rows[i]["supernet"],
                    "trial_id": rows[i]["trial_id"], "subnet": None,
@@ -880,7 +868,7 @@ def write_csvs(sweep_dir: Path, rows: Sequence[dict[str, Any]], front: Sequence[
     cols = ["series", "supernet", "trial_id", "subnet", *keys, "top1", "top5", "madds",
             "choices", "label"]
     table = pd.DataFrame([*front_rows, *static], columns=cols, dtype=object)
-    _atomic_write_text(sweep_dir / "pareto.csv", table.to_csv(index=False))
+    atomic_write_text(sweep_dir / "pareto.csv", table.to_csv(index=False))
 
 
 def plot_front(path: Path, rows: Sequence[dict[str, Any]], front: Sequence[int],
