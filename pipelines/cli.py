@@ -322,6 +322,17 @@ def _fail(message: str, code: int, exc: BaseException, debug: bool) -> int:
     return code
 
 
+def report_failure(exc: Exception, debug: bool) -> int:
+    """Print a command's failure as one ``error:`` line (the traceback first with
+    ``--debug``) and return its exit code: 2 for usage, config and resource errors, 1 for
+    runtime failures (data, checkpoints, a failed stage, anything unexpected)."""
+    if isinstance(exc, (UsageError, ConfigError, ResourceError)):
+        return _fail(str(exc), 2, exc, debug)
+    if isinstance(exc, (DataError, CheckpointError, StageFailed)):
+        return _fail(str(exc), 1, exc, debug)
+    return _fail(f"{type(exc).__name__}: {error_summary(exc)}", 1, exc, debug)
+
+
 def run_command(prog: str, argv: Sequence[str] | None,
                 plan_fn: Callable[[argparse.Namespace], Plan],
                 parser: argparse.ArgumentParser) -> int:
@@ -341,12 +352,8 @@ def run_command(prog: str, argv: Sequence[str] | None,
         print(f"interrupted; resume with: {_resume_command(prog, argv, run_dir)}",
               file=sys.stderr, flush=True)
         return 130
-    except (UsageError, ConfigError, ResourceError) as e:
-        return _fail(str(e), 2, e, debug)
-    except (DataError, CheckpointError, StageFailed) as e:
-        return _fail(str(e), 1, e, debug)
-    except Exception as e:  # a stage failed: Ray's TrainingFailedError, an OOM, ...
-        return _fail(f"{type(e).__name__}: {error_summary(e)}", 1, e, debug)
+    except Exception as e:  # a bad input, or a stage failed (TrainingFailedError, OOM, ...)
+        return report_failure(e, debug)
 
 
 def main_single_stage(stage: str, argv: Sequence[str] | None = None) -> int:
@@ -362,4 +369,4 @@ def main_full(argv: Sequence[str] | None = None) -> int:
 
 __all__ = ["Plan", "UsageError", "check_data", "check_input_checkpoint", "check_inputs",
            "check_models", "execute", "full_parser", "main_full", "main_single_stage",
-           "plan_full", "plan_single", "stage_parser", "summary"]
+           "plan_full", "plan_single", "report_failure", "stage_parser", "summary"]

@@ -62,7 +62,6 @@ import re
 import shlex
 import sys
 import time
-import traceback
 import typing
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -72,7 +71,6 @@ from typing import Any
 import yaml
 
 from dsnet.atomic import atomic_write_text
-from dsnet.checkpoint import CheckpointError
 from dsnet.config import (
     STAGES,
     ConfigError,
@@ -85,20 +83,18 @@ from dsnet.config import (
     ray_config_from_dict,
     stage_config_from_dict,
 )
-from dsnet.data import DataError
 from dsnet.evaluate import save_figure
 from dsnet.pareto import pareto_front, spearman
-from pipelines.cli import UsageError
+from pipelines.cli import UsageError, report_failure
 from pipelines.run_record import RunRecord, atomic_write_json, versions
 from pipelines.runtime import (
     REPO_ROOT,
     RaySession,
-    ResourceError,
     check_resources,
     trap_sigterm,
     worker_gpus,
 )
-from pipelines.stage import StageFailed, error_summary, fit_stage, run_stages
+from pipelines.stage import error_summary, fit_stage, run_stages
 
 DEFAULT_SWEEP = REPO_ROOT / "configs" / "sweep_default.yml"
 PROG = "python -m pipelines.sweep"
@@ -1105,13 +1101,6 @@ def _resume_command(argv: Sequence[str], sweep_dir: Path | None) -> str:
     return f"{PROG} {shlex.join(argv)}".strip()
 
 
-def _fail(message: str, code: int, exc: BaseException, debug: bool) -> int:
-    if debug:
-        traceback.print_exception(exc)
-    print(f"error: {message}", file=sys.stderr, flush=True)
-    return code
-
-
 @dataclass
 class _Run:
     plan: SweepPlan | None = None
@@ -1153,12 +1142,8 @@ def main(argv: Sequence[str] | None = None, callbacks: Sequence[Any] = ()) -> in
         print(f"interrupted; resume with: {_resume_command(argv, sweep_dir)}",
               file=sys.stderr, flush=True)
         return 130
-    except (UsageError, ConfigError, ResourceError) as e:
-        return _fail(str(e), 2, e, debug)
-    except (DataError, CheckpointError, StageFailed) as e:
-        return _fail(str(e), 1, e, debug)
-    except Exception as e:  # Tune could not start, ...
-        return _fail(f"{type(e).__name__}: {error_summary(e)}", 1, e, debug)
+    except Exception as e:  # a bad input, Tune could not start, ...
+        return report_failure(e, debug)
 
 
 if __name__ == "__main__":
