@@ -420,7 +420,7 @@ def ray_config_from_dict(d: Mapping[str, Any] | None, *, source: str = "ray") ->
         raise ConfigError(f"{source} [ray]: {e}") from None
 
 
-def _read_yaml(path: str | Path) -> dict[str, Any]:
+def read_yaml(path: str | Path) -> dict[str, Any]:
     """Mapping at the top of a YAML file (empty file -> {}).
 
     Raises:
@@ -453,7 +453,7 @@ def _stage_entry(slot: str, entry: Any, base_dir: Path, source: str) -> tuple[di
         if not path.is_file():
             raise ConfigError(f"{source}: stage '{slot}' file not found: {path}")
         where = f"{path} (stage '{slot}')"
-        return _normalize(_read_yaml(path), where), where
+        return _normalize(read_yaml(path), where), where
     if isinstance(entry, Mapping):
         where = f"{source} [{slot}]"
         return _normalize(entry, where), where
@@ -651,7 +651,7 @@ def load_stage_config(path: str | Path | None = None, overrides: Sequence[str] =
     source = str(path) if path is not None else "stage config"
     merged = _normalize(defaults, "load_stage_config() arguments")
     if path is not None:
-        merged.update(_normalize(_read_yaml(path), source))
+        merged.update(_normalize(read_yaml(path), source))
     cfg = stage_config_from_dict(merged, source=source)
     return apply_overrides(cfg, overrides)
 
@@ -669,7 +669,7 @@ def load_pipeline_config(path: str | Path, overrides: Sequence[str] = ()) -> Pip
     Raises:
         ConfigError: see :func:`pipeline_config_from_dict` and :func:`apply_overrides`.
     """
-    d = _read_yaml(path)
+    d = read_yaml(path)
     d.setdefault("name", Path(path).stem)
     cfg = pipeline_config_from_dict(d, Path(path).parent, source=str(path))
     return apply_overrides(cfg, overrides)
@@ -678,6 +678,6 @@ def load_pipeline_config(path: str | Path, overrides: Sequence[str] = ()) -> Pip
 __all__ = [
     "ConfigError", "PipelineConfig", "RayConfig", "StageConfig", "STAGES", "DATASETS",
     "apply_overrides", "config_to_dict", "load_pipeline_config", "load_stage_config",
-    "pipeline_config_from_dict", "ray_config_from_dict", "stage_config_from_dict",
+    "pipeline_config_from_dict", "ray_config_from_dict", "read_yaml", "stage_config_from_dict",
     "validate_ray", "validate_stage",
 ]

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as tdist
+from torch.autograd.graph import increment_version
 
 
 @dataclass
@@ -71,11 +72,19 @@ class DistContext:
             offset += n
 
     def broadcast_(self, tensors: Iterable[torch.Tensor]) -> None:
-        """Copy rank 0's values into every rank's tensors (start from identical weights)."""
+        """Copy rank 0's values into every rank's tensors (start from identical weights).
+
+        Outside autograd (a parameter would otherwise carry an autograd-less c10d op into
+        its next backward, with a warning). c10d writes behind autograd's back, so each
+        tensor's version counter is bumped as an in-place op would: caches keyed on it
+        (:class:`dsnet.layers.SliceCache`) see the new values.
+        """
         if not self.distributed:
             return
-        for t in tensors:
-            tdist.broadcast(t, src=0)
+        with torch.no_grad():
+            for t in tensors:
+                tdist.broadcast(t.detach(), src=0)
+                increment_version(t)
 
     def average_gradients(self, params: Iterable[torch.nn.Parameter]) -> None:
         """Average ``.grad`` of the given parameters across ranks."""

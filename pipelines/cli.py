@@ -63,7 +63,7 @@ class UsageError(Exception):
     """A bad command line (argparse's errors are turned into this)."""
 
 
-class _Parser(argparse.ArgumentParser):
+class CommandParser(argparse.ArgumentParser):
     """argparse that raises instead of printing the usage block and exiting."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
@@ -96,7 +96,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 def full_parser() -> argparse.ArgumentParser:
     """The parser of ``python -m pipelines.full``."""
-    p = _Parser(prog="python -m pipelines.full",
+    p = CommandParser(prog="python -m pipelines.full",
                 description="DS-Net's three stages (supernet -> reset_bn -> gate) on Ray.")
     p.add_argument("-c", "--config", default=str(DEFAULT_CONFIG),
                    help="pipeline YAML (default: configs/default.yml)")
@@ -107,7 +107,7 @@ def full_parser() -> argparse.ArgumentParser:
 
 def stage_parser(stage: str) -> argparse.ArgumentParser:
     """The parser of ``python -m pipelines.<stage>`` (the authors' command line)."""
-    p = _Parser(prog=f"python -m pipelines.{stage}",
+    p = CommandParser(prog=f"python -m pipelines.{stage}",
                 description=f"DS-Net's {stage} stage on Ray (the authors' YAMLs work as-is).")
     p.add_argument("-c", "--config", required=True, help="stage YAML")
     p.add_argument("data", nargs="?", metavar="DATA_PATH", help="dataset folder")
@@ -367,6 +367,7 @@ def main_full(argv: Sequence[str] | None = None) -> int:
     return run_command("python -m pipelines.full", argv, plan_full, full_parser())
 
 
-__all__ = ["Plan", "UsageError", "check_data", "check_input_checkpoint", "check_inputs",
-           "check_models", "execute", "full_parser", "main_full", "main_single_stage",
-           "plan_full", "plan_single", "report_failure", "stage_parser", "summary"]
+__all__ = ["CommandParser", "Plan", "UsageError", "check_data", "check_input_checkpoint",
+           "check_inputs", "check_models", "execute", "full_parser", "main_full",
+           "main_single_stage", "plan_full", "plan_single", "report_failure", "stage_parser",
+           "summary"]

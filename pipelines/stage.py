@@ -26,6 +26,7 @@ kill the driver itself).
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
 import sys
@@ -256,6 +257,18 @@ def _latest_checkpoint(stage: str, log: Callable[[str], None] | None, distrust: 
                                      stage, log, distrust)
 
 
+def quiet_report_log() -> None:
+    """Silence Ray Train V2's INFO line per ``report()`` ("Reporting training result ...",
+    a full metrics dict per rank and epoch) in this worker: our hook prints one progress
+    line per epoch. Its logger is named after its file path, so ``LoggingConfig`` misses it.
+    """
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:  # another Ray layout: nothing to silence, or not this way
+        return
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
     """The function every Ray Train worker runs: one stage of the library.
 
@@ -268,6 +281,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
         On rank 0, the stage's result as builtins (``Result.return_value``); else None.
     """
     entered = time.time()  # wall clock: the driver compares it with fit()'s start
+    quiet_report_log()
     cfg = stage_config_from_dict(config["stage_config"])
     dist = DistContext.from_environment(ray.train.torch.get_device())
     hooks = [RayReportHook(dist.rank),

@@ -52,7 +52,7 @@ def test_configs_folder_is_not_empty():
 def test_every_config_loads(path):
     data = yaml.safe_load(path.read_text())
     if "space" in data:  # a sweep config (pipelines.sweep)
-        from pipelines.sweep import load_sweep_config
+        from pipelines.sweep_config import load_sweep_config
 
         assert load_sweep_config(path) is not None
     elif any(slot in data for slot in ("supernet", "gate", "stages")):

@@ -22,17 +22,21 @@ from pipelines import sweep
 from pipelines.cli import UsageError
 from pipelines.runtime import REPO_ROOT
 from pipelines.sweep import (
-    Dist,
-    load_sweep_config,
     make_plan,
-    mark_front,
     param_space,
     parser,
-    rank_correlations,
     supernet_id,
     supernet_variants,
     trial_concurrency,
     trial_gate_config,
+)
+from pipelines.sweep_config import AshaConfig, Dist, SweepConfig, load_sweep_config
+from pipelines.sweep_results import (
+    check_same_sweep,
+    expected_trials,
+    mark_front,
+    rank_correlations,
+    resolved_config,
 )
 
 TINY = REPO_ROOT / "configs" / "tiny.yml"
@@ -146,18 +150,18 @@ def test_optuna_missing_is_a_clear_error(tmp_path: Path,
 def test_expected_trials() -> None:
     space = {"gate.complexity_weight": Dist("grid", [0.1, 1.0, 10.0]),
              "gate.start_chn_idx": Dist("choice", [0, 6])}
-    assert sweep.expected_trials(sweep.SweepConfig(search="grid", space=space)) == 6
-    cfg = sweep.SweepConfig(search="random", num_samples=2, space=space)
-    assert sweep.expected_trials(cfg) == 6  # the grid, twice; the choice sampled
+    assert expected_trials(SweepConfig(search="grid", space=space)) == 6
+    cfg = SweepConfig(search="random", num_samples=2, space=space)
+    assert expected_trials(cfg) == 6  # the grid, twice; the choice sampled
     cfg.search = "optuna"
-    assert sweep.expected_trials(cfg) == 2
+    assert expected_trials(cfg) == 2
 
 
 def test_param_space() -> None:
     space = {"gate.complexity_weight": Dist("loguniform", [1e-3, 1.0]),
              "gate.start_chn_idx": Dist("choice", [0, 6]),
              "gate.sgs_weight": Dist("grid", [0.0, 1.0])}
-    cfg = sweep.SweepConfig(search="random", space=space)
+    cfg = SweepConfig(search="random", space=space)
     ps = param_space(cfg)
     assert ps["gate.sgs_weight"] == {"grid_search": [0.0, 1.0]}
     assert ps["gate.start_chn_idx"].categories == [0, 6]
@@ -173,13 +177,13 @@ def test_searchers() -> None:
     """Grid/random: Tune's variant generator capped at the concurrency; optuna: the
     multi-objective searcher (top1 max, madds min) behind a concurrency limiter."""
     space = {"gate.complexity_weight": Dist("loguniform", [1e-3, 1.0])}
-    basic = sweep._search_alg(sweep.SweepConfig(search="random", space=space), 2)
+    basic = sweep._search_alg(SweepConfig(search="random", space=space), 2)
     assert type(basic).__name__ == "BasicVariantGenerator" and basic.max_concurrent == 2
-    assert sweep._scheduler(sweep.SweepConfig(), 6) is None
-    asha = sweep._scheduler(sweep.SweepConfig(asha=sweep.AshaConfig(enabled=True)), 6)
+    assert sweep._scheduler(SweepConfig(), 6) is None
+    asha = sweep._scheduler(SweepConfig(asha=AshaConfig(enabled=True)), 6)
     assert asha._metric == "score" and asha._mode == "max" and asha._max_t == 7
     pytest.importorskip("optuna")
-    limiter = sweep._search_alg(sweep.SweepConfig(search="optuna", space=space), 3)
+    limiter = sweep._search_alg(SweepConfig(search="optuna", space=space), 3)
     assert limiter.max_concurrent == 3
     assert limiter.searcher.metric == ["top1", "madds"]
     assert limiter.searcher.mode == ["max", "min"]
@@ -203,11 +207,11 @@ def test_sweep_folder_refuses_another_config(tmp_path: Path) -> None:
 
     path = _sweep_yaml(tmp_path)
     plan = _plan(path)
-    atomic_write_json(plan.sweep_dir / "sweep.json", {"config": sweep.resolved_config(plan)})
-    sweep.check_same_sweep(_plan(path))  # the same config: resumes
+    atomic_write_json(plan.sweep_dir / "sweep.json", {"config": resolved_config(plan)})
+    check_same_sweep(_plan(path))  # the same config: resumes
     with pytest.raises(ConfigError, match=r"pipeline_stages\.gate\.epochs: 1 -> 2\); use a new "
                                           "--name"):
-        sweep.check_same_sweep(_plan(path, "--set", "gate.epochs=2"))
+        check_same_sweep(_plan(path, "--set", "gate.epochs=2"))
 
 
 def test_trial_concurrency_never_overbooks() -> None:
