@@ -282,3 +282,23 @@ def test_ray_job_submit(tmp_path: Path) -> None:
     finally:
         _stop_head(head)
         shutil.rmtree(temp, ignore_errors=True)
+
+
+def test_worker_report_log_is_quieted() -> None:
+    """Ray Train V2 logs every report() at INFO from a logger named after its file; the
+    workers turn it down so the console shows our one line per epoch."""
+    import logging
+
+    from ray.train.v2._internal.execution import context
+
+    from pipelines.stage import quiet_report_log
+
+    logger = logging.getLogger(context.__file__)
+    before = logger.level
+    try:
+        logger.setLevel(logging.INFO)
+        quiet_report_log()
+        assert not logger.isEnabledFor(logging.INFO)
+        assert logger.isEnabledFor(logging.WARNING)
+    finally:
+        logger.setLevel(before)
