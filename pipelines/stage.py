@@ -401,31 +401,31 @@ def _sha_or_none(path: str | None) -> str | None:
     return file_sha256(path) if path and Path(path).is_file() else None
 
 
-def _damaged_final(rec: Mapping[str, Any]) -> str | None:
+def _damaged_final(record: RunRecord, name: str) -> str | None:
     """A done stage's final checkpoint if it is still there but no longer has the recorded
-    size and SHA-256 (disk or copy damage, even where it still loads), else None."""
+    SHA-256 (disk or copy damage, even where it still loads), else None."""
+    rec = record.stage(name)
     ckpt = rec.get("checkpoint")
     if rec.get("status") != "done" or not ckpt or not Path(ckpt).is_file():
         return None
-    fields = checkpoint_fields(Path(ckpt))
-    same = all(rec.get(k) == fields[k] for k in ("checkpoint_bytes", "checkpoint_sha256"))
-    return None if same else ckpt
+    return ckpt if record.done_checkpoint(name) is None else None
 
 
-def _distrusted(rec: Mapping[str, Any]) -> list[str]:
-    """Checkpoints of a stage never to resume from: a damaged final one, and those found
-    damaged before (kept in ``run.json``: Ray may still call one its latest)."""
-    damaged = _damaged_final(rec)
+def _distrusted(rec: Mapping[str, Any], damaged: str | None) -> list[str]:
+    """Checkpoints of a stage never to resume from: its ``damaged`` final one
+    (:func:`_damaged_final`), and those found damaged before (kept in ``run.json``: Ray may
+    still call one its latest)."""
     return sorted({*rec.get("distrust", []), *([damaged] if damaged else [])})
 
 
-def _needs_fresh_start(rec: Mapping[str, Any], init_sha: str | None) -> bool:
+def _needs_fresh_start(rec: Mapping[str, Any], init_sha: str | None,
+                       damaged: str | None) -> bool:
     """Whether a stage's old run folder is stale: it had another input, or it finished and
-    runs again because an earlier stage re-ran or its checkpoint is gone. A damaged final
-    checkpoint is not: the stage resumes from the one before."""
+    runs again because an earlier stage re-ran or its checkpoint is gone. A ``damaged``
+    final checkpoint is not: the stage resumes from the one before."""
     if "init_from_sha256" in rec and rec["init_from_sha256"] != init_sha:
         return True
-    return rec.get("status") == "done" and _damaged_final(rec) is None
+    return rec.get("status") == "done" and damaged is None
 
 
 def run_one_stage(record: RunRecord, cfg: StageConfig, ray_cfg: RayConfig,
@@ -443,8 +443,9 @@ def run_one_stage(record: RunRecord, cfg: StageConfig, ray_cfg: RayConfig,
     if ray_cfg.num_workers > 0:
         session.ensure()  # before "running": a ResourceError is not a failed stage
     init_sha = _sha_or_none(init_from)
-    distrust = _distrusted(record.stage(name))
-    if _needs_fresh_start(record.stage(name), init_sha):
+    damaged = _damaged_final(record, name)  # hashes the final checkpoint: once
+    distrust = _distrusted(record.stage(name), damaged)
+    if _needs_fresh_start(record.stage(name), init_sha, damaged):
         shutil.rmtree(run_dir / name, ignore_errors=True)
         distrust = []
     record.update(name, status="running", started=_now(), init_from=init_from,
