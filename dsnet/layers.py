@@ -40,7 +40,7 @@ def fresh_swish(x: torch.Tensor) -> torch.Tensor:
     what dominates the wide high-resolution early layers on a CPU.
     """
     if x.requires_grad:
-        return x.mul(x.sigmoid())
+        return swish(x)
     return x.mul_(x.sigmoid())
 
 
@@ -73,7 +73,7 @@ def _dense(whole: torch.Tensor, view: torch.Tensor) -> torch.Tensor:
 
 
 class SliceCache:
-    """Leading slices of parameters (``w[:out, :in]``), reused across inference calls.
+    """Leading slices of one parameter (``w[:out, :in]``), reused across inference calls.
 
     A slice of the first ``n`` output filters is a contiguous view, but cutting the *input*
     channels too is strided, and the convolution kernels copy a strided weight on every call
@@ -84,7 +84,8 @@ class SliceCache:
     by every in-place write: optimizer steps, ``load_state_dict``, EMA updates) and its
     storage, device and dtype (``.to()``/``.half()``). Writes through ``.data`` bypass the
     version counter: call :func:`clear_slice_caches` after them. At most one copy per size
-    is held (DS-MBNet, all 14 subnets used: ~0.1 GB). With autograd, plain views.
+    is held (DS-MBNet, all 14 subnets used: ~0.1 GB). With autograd, plain views. Entries
+    are keyed by the sizes alone, so a layer keeps one cache per sliced tensor.
     """
 
     def __init__(self) -> None:
@@ -136,13 +137,13 @@ class DSConv2d(nn.Conv2d):
                  stride: int = 1, bias: bool = False) -> None:
         super().__init__(in_channels, out_channels, kernel_size, stride=stride,
                          padding=_same_padding(kernel_size, stride), bias=bias)
-        self.slice_cache = SliceCache()
+        self.weight_slices, self.bias_slices = SliceCache(), SliceCache()
 
     def forward(self, x: torch.Tensor, out_channels: int | None = None) -> torch.Tensor:
         """Convolve ``x`` (B, C_in_active, H, W) to ``out_channels`` (default: widest)."""
         out_c = self.out_channels if out_channels is None else out_channels
-        weight = self.slice_cache.get(self.weight, out_c, x.size(1))  # (C_out_a, C_in_a, k, k)
-        bias = self.slice_cache.get(self.bias, out_c) if self.bias is not None else None
+        weight = self.weight_slices.get(self.weight, out_c, x.size(1))  # (C_out_a, C_in_a, k, k)
+        bias = self.bias_slices.get(self.bias, out_c) if self.bias is not None else None
         return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, 1)
 
 
@@ -160,12 +161,12 @@ class DSDepthwiseConv2d(nn.Conv2d):
                  bias: bool = False) -> None:
         super().__init__(channels, channels, kernel_size, stride=stride,
                          padding=_same_padding(kernel_size, stride), groups=channels, bias=bias)
-        self.slice_cache = SliceCache()  # keys: (c, 1) the weight, (c,) the bias
+        self.weight_slices, self.bias_slices = SliceCache(), SliceCache()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         c = x.size(1)
-        bias = self.slice_cache.get(self.bias, c) if self.bias is not None else None
-        weight = self.slice_cache.get(self.weight, c, 1)             # (C_a, 1, k, k)
+        bias = self.bias_slices.get(self.bias, c) if self.bias is not None else None
+        weight = self.weight_slices.get(self.weight, c)               # (C_a, 1, k, k)
         return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, c)
 
 
@@ -226,10 +227,10 @@ class DSLinear(nn.Linear):
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True) -> None:
         super().__init__(in_features, out_features, bias)
-        self.slice_cache = SliceCache()
+        self.weight_slices = SliceCache()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self.slice_cache.get(self.weight, self.out_features, x.size(1))
+        weight = self.weight_slices.get(self.weight, self.out_features, x.size(1))
         return F.linear(x, weight, self.bias)                 # (B, num_classes)
 
 

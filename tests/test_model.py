@@ -121,13 +121,14 @@ def test_slice_cache_reuses_copies_and_follows_weight_changes():
     x = torch.randn(2, 1, 28, 28)
     with torch.inference_mode():
         first = model(x, subnet=5)
-    cached = sum(len(c.slice_cache) for c in convs)
+    cached = sum(len(c.weight_slices) + len(c.bias_slices) for c in convs)
     assert cached > 0
     with torch.inference_mode():
         assert torch.equal(model(x, subnet=5), first)  # served from the cache ...
-    assert sum(len(c.slice_cache) for c in convs) == cached  # ... without new entries
+    assert sum(len(c.weight_slices) + len(c.bias_slices)
+               for c in convs) == cached                      # ... without new entries
     conv = model.blocks[4].residual_blocks[0].conv_pw
-    ((stamp, copy),) = [v for k, v in conv.slice_cache._entries.items()]
+    ((stamp, copy),) = [v for k, v in conv.weight_slices._entries.items()]
     assert copy.is_contiguous() and copy.data_ptr() != conv.weight.data_ptr()
 
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
@@ -150,7 +151,7 @@ def test_slice_cache_reuses_copies_and_follows_weight_changes():
     assert torch.equal(loaded, model(x, subnet=5).detach())
     assert not torch.equal(loaded, after_step)
     clear_slice_caches(model)
-    assert sum(len(c.slice_cache) for c in convs) == 0
+    assert sum(len(c.weight_slices) + len(c.bias_slices) for c in convs) == 0
 
 
 def test_export_is_scriptable():
@@ -302,6 +303,6 @@ def test_channels_last_model_gives_the_same_logits():
         xc = x.contiguous(memory_format=torch.channels_last)
         for s, want in ref.items():
             torch.testing.assert_close(model(xc, subnet=s), want, rtol=1e-4, atol=1e-5)
-    stem = model.conv_stem.slice_cache._entries          # (16, 3, 3, 3): 8 and 16 filters
+    stem = model.conv_stem.weight_slices._entries        # (16, 3, 3, 3): 8 and 16 filters
     assert len(stem) == 2
     assert all(w.is_contiguous(memory_format=torch.channels_last) for _, w in stem.values())
