@@ -122,9 +122,8 @@ def export_subnet(model: DSNet, subnet: Subnet | None = "largest",
     stem.weight.data.copy_(model.conv_stem.weight[:widths[0]])
     blocks, c_in = [], widths[0]
     for stage, c_out in zip(model.blocks, widths[1:]):
-        for block in [stage.first_block, *stage.residual_blocks]:
-            blocks.append(_copy_block(block, c_in, c_out, silu))
-            c_in = c_out
+        blocks += _copy_blocks([stage.first_block, *stage.residual_blocks], c_in, c_out, silu)
+        c_in = c_out
     classifier = nn.Linear(c_in, model.num_classes)
     classifier.weight.data.copy_(model.classifier.weight[:, :c_in])
     classifier.bias.data.copy_(model.classifier.bias)
