@@ -97,7 +97,7 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
         raise CheckpointError(f"{path} is truncated or corrupt ({_brief(e)}); "
                               "re-download or re-create it") from e
-    except Exception as e:  # other bytes (a text file, an image) fail in the unpickler anyhow
+    except Exception as e:  # whatever else torch.load raises on damaged bytes past the magic
         raise CheckpointError(f"{path} is not a checkpoint file ({_brief(e)})") from e
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a checkpoint dict")
