@@ -50,7 +50,12 @@ def keep_freed_memory(trim_threshold_mb: int = 1024) -> bool:
     Returns:
         True if the allocator was tuned (Linux with glibc), False where this does not apply
         (macOS, musl, Windows): nothing is changed there.
+
+    Raises:
+        ValueError: ``trim_threshold_mb`` is negative.
     """
+    if trim_threshold_mb < 0:
+        raise ValueError(f"trim_threshold_mb must be >= 0, got {trim_threshold_mb}")
     libc = _glibc()
     if libc is None:
         return False

@@ -47,3 +47,10 @@ def test_keep_freed_memory_reuses_pages() -> None:
     after_first = sorted(tuned["faults"][1:])
     assert after_first[len(after_first) // 2] < 1_000        # the freed block comes back
     assert sum(after_first) < sum(default["faults"][1:]) / 2
+
+
+def test_negative_trim_threshold_is_refused() -> None:
+    from dsnet.allocator import keep_freed_memory
+
+    with pytest.raises(ValueError, match="trim_threshold_mb must be >= 0, got -1"):
+        keep_freed_memory(-1)

@@ -189,6 +189,8 @@ def test_ray_ranges():
         pipeline_config_from_dict(_pipeline(ray={"num_workers": -1}))
     with pytest.raises(ConfigError, match="did you mean 'use_gpu'"):
         pipeline_config_from_dict(_pipeline(ray={"use_gpus": True}))
+    with pytest.raises(ConfigError, match=r"\[ray\]: key 'min_free_mb' must be >= 0"):
+        pipeline_config_from_dict(_pipeline(ray={"min_free_mb": -5}))
     cfg = pipeline_config_from_dict(_pipeline(ray={"num_workers": 0, "cpus_per_worker": 2}))
     assert cfg.ray == RayConfig(num_workers=0, cpus_per_worker=2.0)
 

@@ -273,3 +273,11 @@ def test_bench_quick_writes_valid_json(tmp_path):
     curve = group["madds_latency"]
     assert len(curve["madds"]) == len(curve["ms_per_image"]) == 14
     assert -1.0 <= curve["pearson"] <= 1.0
+
+
+def test_bench_rejects_an_unknown_memory_format():
+    res = subprocess.run([sys.executable, "bench/inference.py", "--memory-format", "nchw"],
+                         cwd=REPO, env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2
+    assert "--memory-format: invalid choice: 'nchw'" in res.stderr
+    assert "channels_last" in res.stderr and "contiguous" in res.stderr
