@@ -32,7 +32,8 @@ from typing import Any
 import yaml
 
 STAGES = ("supernet", "reset_bn", "gate")
-DATASETS = ("mnist5k", "imagenet", "imagefolder", "cifar10", "cifar100", "synthetic")
+DATASETS = ("fashion_mnist", "mnist5k", "imagenet", "imagefolder", "cifar10", "cifar100",
+            "synthetic")
 _PIPELINE_KEYS = ("name", "output", "ray", "stages")
 _ALIASES = {"label_smoothing": "smoothing"}
 # common names from other trainers, for "did you mean" only
@@ -62,10 +63,11 @@ class StageConfig:
     data: str | None = None  # dataset folder
     download: bool = False
     img_size: int | None = None  # None = the dataset's default
-    num_val: int = 1000  # mnist5k validation images
+    num_val: int | None = None  # grey sets' val images (None: mnist5k 1000, fashion all)
     corrupt_images: str = "fail"  # fail | skip
     synthetic_size: int = 1024
-    random_shift: int = 0  # mnist5k training: random translation of up to N pixels
+    random_shift: int = 0  # grey sets' training: random translation of up to N pixels
+    hflip: float | None = None  # grey sets' flip probability (None: fashion 0.5, mnist 0)
     # model
     model: str = "ds_mbnet_small"  # authors'
     num_classes: int | None = None  # None = the dataset's
@@ -178,6 +180,7 @@ _STAGE_RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "drop": _FRACTION, "drop_path": _FRACTION, "smoothing": _FRACTION,
     "model_ema_decay": ((lambda v: 0 < v < 1), "in (0, 1)"),
     "reprob": ((lambda v: 0 <= v <= 1), "in [0, 1]"),
+    "hflip": ((lambda v: 0 <= v <= 1), "in [0, 1]"),
     **{k: _at_least(0) for k in (
         "epochs", "start_epoch", "warmup_epochs", "warmup_lr", "weight_decay", "mixup",
         "color_jitter", "workers", "random_shift", "threads", "num_random", "start_chn_idx",

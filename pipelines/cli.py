@@ -37,7 +37,7 @@ from dsnet.config import (
     validate_ray,
 )
 from dsnet.data import DataError, check_num_classes, dataset_num_classes
-from dsnet.engine import check_stage_order
+from dsnet.engine import check_stage_order, validation_images
 from dsnet.evaluate import format_table, write_results
 from dsnet.registry import create_model
 from dsnet.stages import routing_space_for
@@ -262,18 +262,19 @@ def execute(plan: Plan, command: Sequence[str], log: Callable[[str], None] = pri
     with RaySession(plan.ray) as session:
         last = run_stages(record, plan.stages, plan.ray, session, log)
     if "gate" in plan.stages:
-        _write_results(record, last)
+        _write_results(record, last, plan.stages["gate"])
     log(summary(record))
     return record
 
 
-def _write_results(record: RunRecord, final_ckpt: Path) -> None:
+def _write_results(record: RunRecord, final_ckpt: Path, gate_cfg: StageConfig) -> None:
     """``results/`` from the gate stage (again only if it re-ran or files are missing)."""
     results = record.run_dir / "results"
     gate = record.stage("gate")
     stale = record.data.get("results_from") != gate.get("checkpoint_sha256")
     if stale or not (results / "dsnet_final.pt").is_file():
-        write_results(results, gate.get("result") or {}, final_ckpt)
+        write_results(results, gate.get("result") or {}, final_ckpt,
+                      validation_images(gate_cfg))
         record.data.update(results=str(results), results_from=gate.get("checkpoint_sha256"))
         record.save()
 

@@ -7,10 +7,11 @@ Usage::
         INPUTS...
 
 INPUTS are image files or folders (searched recursively for .png .jpg .jpeg .bmp .webp).
-Images are preprocessed as the checkpoint's dataset was evaluated: ``mnist5k`` -> grayscale,
-resized to 28 px (or ``img_size``), MNIST mean/std; ``cifar10``/``cifar100`` -> resized,
-CIFAR mean/std; anything else -> the ImageNet eval transform (resize to size / 0.875, centre
-crop, ImageNet mean/std), converted to the model's ``in_chans``. One line per input::
+Images are preprocessed as the checkpoint's dataset was evaluated: ``fashion_mnist`` /
+``mnist5k`` -> grayscale, resized to 28 px (or ``img_size``), the set's mean/std;
+``cifar10``/``cifar100`` -> resized, CIFAR mean/std; anything else -> the ImageNet eval
+transform (resize to size / 0.875, centre crop, ImageNet mean/std), converted to the model's
+``in_chans``. One line per input::
 
     path  class  confidence  subnet
 
@@ -119,10 +120,11 @@ def find_images(inputs: Sequence[str]) -> list[Path]:
 
 def _dataset_stats(dataset: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """(mean, std) the dataset's eval transform normalises with."""
-    from dsnet.data import CIFAR_STATS, IMAGENET_MEAN, IMAGENET_STD, MNIST_MEAN, MNIST_STD
+    from dsnet.data import CIFAR_STATS, GREY_STATS, IMAGENET_MEAN, IMAGENET_STD
 
-    if dataset == "mnist5k":
-        return (MNIST_MEAN,), (MNIST_STD,)
+    if dataset in GREY_STATS:
+        mean, std = GREY_STATS[dataset]
+        return (mean,), (std,)
     if dataset in CIFAR_STATS:
         return CIFAR_STATS[dataset]
     return IMAGENET_MEAN, IMAGENET_STD
@@ -140,13 +142,13 @@ def build_transform(dataset: str, in_chans: int, img_size: int) -> Transform:
     """PIL image -> (in_chans, img_size, img_size) tensor, as the dataset's eval transform."""
     from torchvision import transforms
 
-    from dsnet.data import EVAL_CROP_PCT
+    from dsnet.data import EVAL_CROP_PCT, GREY_STATS
 
     if in_chans not in (1, 3):
         raise PredictError(f"the model takes {in_chans} input channels; only 1 (grayscale) "
                            "and 3 (RGB) can be made from image files")
     mean, std = _dataset_stats(dataset)
-    if dataset == "mnist5k" or dataset.startswith("cifar"):
+    if dataset in GREY_STATS or dataset.startswith("cifar"):
         # Small-image sets are served whole (no crop): resize to the square size.
         ops = [transforms.Resize((img_size, img_size))]
     else:
@@ -171,7 +173,8 @@ def load_image(path: Path, transform: Transform) -> torch.Tensor:
         raise PredictError(f"cannot read image {path}: {e}") from e
 
 
-_DEFAULT_SIZES = {"mnist5k": 28, "cifar10": 32, "cifar100": 32, "synthetic": 32}
+_DEFAULT_SIZES = {"mnist5k": 28, "fashion_mnist": 28, "cifar10": 32, "cifar100": 32,
+                  "synthetic": 32}
 
 
 def resolve_img_size(args_size: int | None, config: dict, model: nn.Module) -> int:

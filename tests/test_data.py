@@ -12,10 +12,16 @@ from PIL import Image
 
 from dsnet.data import (
     DATASETS,
+    FASHION_MNIST_CLASSES,
+    FASHION_MNIST_DIR,
+    FASHION_MNIST_MEAN,
+    FASHION_MNIST_STD,
+    IDX_FILES,
     DataBundle,
     DataError,
     build_datasets,
     build_loader,
+    dataset_num_classes,
     set_loader_epoch,
 )
 
@@ -265,3 +271,95 @@ def test_mnist5k_random_shift_translates_training_images_only():
     assert all(abs(v.max().item() - x0.max().item()) < 1e-6 for v in views)
     assert torch.equal(shifted.val[3][0], plain.val[3][0])
     assert shifted.train[3][1] == y0
+
+
+# --------------------------------------------------------------------------- fashion_mnist
+
+
+def _write_idx(path: Path, array: torch.Tensor) -> None:
+    """An unsigned-byte IDX file (gzip when the name ends in .gz), as the official ones."""
+    import gzip
+
+    header = bytes([0, 0, 0x08, array.dim()]) + b"".join(
+        int(d).to_bytes(4, "big") for d in array.shape)
+    payload = header + array.to(torch.uint8).contiguous().numpy().tobytes()
+    path.write_bytes(gzip.compress(payload) if path.suffix == ".gz" else payload)
+
+
+def _tiny_idx_folder(folder: Path, n_train: int = 30, n_val: int = 20,
+                     suffix: str = ".gz") -> tuple[torch.Tensor, ...]:
+    """Four IDX files of random 28x28 images with labels 0-9; returns what they hold."""
+    gen = torch.Generator().manual_seed(1)
+    arrays = (torch.randint(0, 256, (n_train, 28, 28), generator=gen),
+              torch.arange(n_train) % 10,
+              torch.randint(0, 256, (n_val, 28, 28), generator=gen),
+              torch.arange(n_val) % 10)
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, array in zip(IDX_FILES, arrays):
+        _write_idx(folder / (name + suffix), array)
+    return arrays
+
+
+def test_fashion_mnist_embedded_loads_offline_with_balanced_classes():
+    bundle = build_datasets("fashion_mnist")
+    assert (len(bundle.train), len(bundle.val)) == (20000, 5000)
+    assert (bundle.num_classes, bundle.in_chans, bundle.img_size) == (10, 1, 28)
+    assert bundle.classes == FASHION_MNIST_CLASSES and bundle.classes[6] == "Shirt"
+    assert torch.bincount(bundle.train.targets).tolist() == [2000] * 10
+    assert torch.bincount(bundle.val.targets).tolist() == [500] * 10
+    x, y = bundle.val[0]
+    assert x.shape == (1, 28, 28) and x.dtype == torch.float32 and 0 <= y < 10
+    # Normalised with the official training split's statistics: near zero mean, unit std.
+    images = bundle.train.images
+    assert abs(images.mean().item()) < 0.05 and abs(images.std().item() - 1) < 0.05
+    # The packed files sit in the installed package (package data), not in a download cache.
+    assert all((FASHION_MNIST_DIR / f"{n}.gz").is_file() for n in IDX_FILES)
+    assert (FASHION_MNIST_DIR / "LICENSE").is_file()
+
+
+def test_fashion_mnist_flips_only_training_images_and_num_val_subsets():
+    torch.manual_seed(0)
+    bundle = build_datasets("fashion_mnist", hflip=1.0)
+    plain = build_datasets("fashion_mnist", hflip=0.0)
+    assert torch.equal(bundle.train[7][0], plain.train[7][0].flip(-1))
+    assert torch.equal(bundle.val[7][0], plain.val[7][0])
+    small = build_datasets("fashion_mnist", num_val=300, seed=3)
+    assert len(small.val) == 300 and len(small.train) == 20000
+    with pytest.raises(DataError, match="num_val must be between 1 and 5000"):
+        build_datasets("fashion_mnist", num_val=6000)
+
+
+@pytest.mark.parametrize("suffix", [".gz", ""])
+def test_fashion_mnist_reads_idx_folder_debian_layout(tmp_path, suffix):
+    arrays = _tiny_idx_folder(tmp_path, suffix=suffix)
+    bundle = build_datasets("fashion_mnist", str(tmp_path), hflip=0.0)
+    assert (len(bundle.train), len(bundle.val)) == (30, 20)
+    expect = (arrays[0][4].float() / 255 - FASHION_MNIST_MEAN) / FASHION_MNIST_STD
+    assert torch.allclose(bundle.train[4][0][0], expect)
+    assert bundle.train[4][1] == 4 and bundle.val[13][1] == 3
+
+
+def test_fashion_mnist_reads_torchvision_layout(tmp_path):
+    arrays = _tiny_idx_folder(tmp_path / "FashionMNIST" / "raw", suffix="")
+    bundle = build_datasets("fashion_mnist", str(tmp_path), hflip=0.0)
+    assert (len(bundle.train), len(bundle.val)) == (30, 20)
+    expect = (arrays[2][5].float() / 255 - FASHION_MNIST_MEAN) / FASHION_MNIST_STD
+    assert torch.allclose(bundle.val[5][0][0], expect)
+
+
+def test_fashion_mnist_bad_data_path_errors(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        build_datasets("fashion_mnist", str(tmp_path / "nope"))
+    (tmp_path / "train-images-idx3-ubyte.gz").write_bytes(b"")
+    with pytest.raises(DataError, match=r"no Fashion-MNIST IDX files in .*t10k-labels-idx1"):
+        build_datasets("fashion_mnist", str(tmp_path))
+    with pytest.raises(DataError, match="no Fashion-MNIST IDX files"):
+        dataset_num_classes("fashion_mnist", str(tmp_path))
+    _tiny_idx_folder(tmp_path / "bad", suffix="")
+    truncated = tmp_path / "bad" / "t10k-images-idx3-ubyte"
+    truncated.write_bytes(truncated.read_bytes()[:-7])
+    with pytest.raises(DataError, match="truncated or corrupt"):
+        build_datasets("fashion_mnist", str(tmp_path / "bad"))
+    (tmp_path / "bad" / "t10k-images-idx3-ubyte").write_bytes(b"GIF89a....")
+    with pytest.raises(DataError, match="not an unsigned-byte IDX file"):
+        build_datasets("fashion_mnist", str(tmp_path / "bad"))
