@@ -97,20 +97,21 @@ def evaluate_routing(model: torch.nn.Module, loader: Any, num_classes: int,
         num_classes: number of classes (rows of the per-class tables).
         dist: sums the tables over ranks.
         input_size: input resolution for MAdds.
-        keep: dataset indices kept of images sent to the slimmest and the widest choice.
+        keep: dataset indices kept, per routing choice, of images the gate sent there.
 
     Returns:
         JSON-able dict: ``routing_space``, ``choice_madds`` (K,), per class (C rows) the
         ``images``, ``sent`` (C, K) counts, ``correct`` (C, K) counts of each choice run on
         every image, ``gate_correct``, ``oracle_correct`` and ``oracle_madds`` (sum); and
-        ``examples``: {"slimmest": [...], "widest": [...]} dataset indices.
+        ``examples``: {subnet: [dataset indices]} for every routing choice (a JSON key:
+        the subnet as a string).
     """
     device = next(model.parameters()).device
     per_choice = routing_madds(model, input_size)                           # (K,)
     k = len(model.routing_space)
     table = torch.zeros(num_classes, 2 * k + 3, dtype=torch.float64)
     world, rank = (dist.world_size, dist.rank) if dist is not None else (1, 0)
-    examples = torch.zeros(world, 2, keep, dtype=torch.float64)  # index + 1; 0 = empty
+    examples = torch.zeros(world, k, keep, dtype=torch.float64)  # index + 1; 0 = empty
     model.eval()
     order, pos = list(iter(loader.sampler)), 0
     for x, y in loader:
@@ -118,7 +119,7 @@ def evaluate_routing(model: torch.nn.Module, loader: Any, num_classes: int,
         pos += len(y)
         choice, correct = _routing_batch(model, x.to(device), y.to(device))  # (B,), (B, K)
         _add_routing_rows(table, y, choice, correct, per_choice)
-        _keep_examples(examples[rank], idx, choice, k, keep)
+        _keep_examples(examples[rank], idx, choice)
     if dist is not None:
         dist.all_reduce_sum_([table, examples])
     return _routing_dict(model.routing_space, per_choice, table, examples)
@@ -148,20 +149,19 @@ def _add_routing_rows(table: torch.Tensor, y: torch.Tensor, choice: torch.Tensor
     table.index_add_(0, y, rows)
 
 
-def _keep_examples(slots: torch.Tensor, idx: torch.Tensor, choice: torch.Tensor, k: int,
-                   keep: int) -> None:
-    """Fill the (2, keep) slots with dataset indices (+1) sent to choice 0 and choice k-1."""
-    for row, c in enumerate((0, k - 1)):
-        free = int((slots[row] == 0).sum())
+def _keep_examples(slots: torch.Tensor, idx: torch.Tensor, choice: torch.Tensor) -> None:
+    """Fill the (K, keep) slots: row c gets dataset indices (+1) of images sent to choice c."""
+    keep = slots.size(1)
+    for c in range(slots.size(0)):
+        free = int((slots[c] == 0).sum())
         picked = idx[choice == c][:free] + 1
-        start = keep - free
-        slots[row, start:start + len(picked)] = picked
+        slots[c, keep - free:keep - free + len(picked)] = picked
 
 
 def _routing_dict(space: Sequence[int], per_choice: torch.Tensor, table: torch.Tensor,
                   examples: torch.Tensor) -> dict[str, Any]:
     k = len(space)
-    flat = examples.permute(1, 0, 2).reshape(2, -1)                      # (2, world * keep)
+    flat = examples.permute(1, 0, 2).reshape(k, -1)                      # (K, world * keep)
     picks = [[int(i) - 1 for i in row.tolist() if i > 0] for row in flat]
     return {
         "routing_space": [int(c) for c in space],
@@ -172,7 +172,7 @@ def _routing_dict(space: Sequence[int], per_choice: torch.Tensor, table: torch.T
         "gate_correct": table[:, 2 * k].round().long().tolist(),
         "oracle_correct": table[:, 2 * k + 1].round().long().tolist(),
         "oracle_madds": table[:, 2 * k + 2].tolist(),
-        "examples": {"slimmest": picks[0], "widest": picks[1]},
+        "examples": {str(c): p for c, p in zip(space, picks)},
     }
 
 
@@ -202,6 +202,18 @@ def interpolate_static(rows: Sequence[dict], madds: float) -> float:
         if madds <= m1:
             return a0 + (a1 - a0) * (madds - m0) / (m1 - m0)
     return pts[-1][1]
+
+
+def static_madds_at(rows: Sequence[dict], top1: float) -> float | None:
+    """The least MAdds at which the static curve (linear between subnets) reaches ``top1``;
+    None if no static subnet is that accurate."""
+    pts = sorted((r["madds"], r["top1"]) for r in rows if isinstance(r["subnet"], int))
+    if pts[0][1] >= top1:
+        return pts[0][0]
+    for (m0, a0), (m1, a1) in zip(pts, pts[1:]):
+        if a1 >= top1 > a0:
+            return m0 + (m1 - m0) * (top1 - a0) / (a1 - a0)
+    return None
 
 
 def plot_accuracy_madds(path: Path, subnets: Sequence[dict], dynamic: dict | None) -> None:
@@ -271,8 +283,10 @@ def write_results(results_dir: str | Path, result: Any, final_checkpoint: str | 
         plot_accuracy_madds(results_dir / "accuracy_madds.png", subnets, dynamic)
     routing = (dynamic or {}).get("routing")
     if routing:
+        table = pd.DataFrame(routing_rows(routing))
+        # 10 significant digits: 80.6, not 80.60000000000001
         atomic_write_text(results_dir / "routing.csv",
-                          pd.DataFrame(routing_rows(routing)).to_csv(index=False))
+                          table.to_csv(index=False, float_format="%.10g"))
         plot_routing(results_dir / "routing.png", routing, images)
     atomic_copy(final_checkpoint, results_dir / "dsnet_final.pt")
 
@@ -314,7 +328,8 @@ def routing_rows(routing: dict[str, Any]) -> list[dict[str, Any]]:
 def plot_routing(path: Path, routing: dict[str, Any],
                  images: Callable[[Sequence[int]], torch.Tensor] | None = None) -> None:
     """Per class: the gate's shares (stacked bars) and each choice's top-1 (heat map); with
-    ``images``, grids of images the gate sent to the slimmest and to the widest choice."""
+    ``images``, grids of images the gate sent to the slimmest and to the widest choice it
+    used (the routing space's ends may get no image)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -360,17 +375,18 @@ def _plot_choice_accuracy(fig: Any, ax: Any, rows: list[dict], space: Sequence[i
 
 def _example_grids(routing: dict[str, Any],
                    images: Callable[[Sequence[int]], torch.Tensor]) -> dict[str, Any]:
-    """(H', W', 3) numpy grids, min-max scaled, of the kept example images."""
+    """(H', W', 3) numpy grids, min-max scaled, of the images kept for the slimmest and the
+    widest routing choice that the gate used."""
     from torchvision.utils import make_grid
 
-    space, grids = routing["routing_space"], {}
-    for key, subnet in (("slimmest", space[0]), ("widest", space[-1])):
-        picked = routing["examples"][key]
-        if picked:
-            x = images(picked).float()                                  # (N, C, H, W)
-            x = (x - x.amin()) / (x.amax() - x.amin()).clamp_min(1e-8)
-            grid = make_grid(x, nrow=4, padding=1, pad_value=1.0)         # (3, H', W')
-            grids[f"sent to subnet {subnet} ({key})"] = grid.permute(1, 2, 0).numpy()
+    used = [c for c in routing["routing_space"] if routing["examples"].get(str(c))]
+    ends = {"slimmest": used[0], "widest": used[-1]} if len(used) > 1 else {}
+    grids = {}
+    for key, subnet in ends.items():
+        x = images(routing["examples"][str(subnet)]).float()             # (N, C, H, W)
+        x = (x - x.amin()) / (x.amax() - x.amin()).clamp_min(1e-8)
+        grid = make_grid(x, nrow=4, padding=1, pad_value=1.0)             # (3, H', W')
+        grids[f"sent to subnet {subnet} ({key} used)"] = grid.permute(1, 2, 0).numpy()
     return grids
 
 

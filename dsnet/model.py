@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dsnet.arch import DS_MBNET_SMALL, DS_MBNET_V1, ArchSpec, Subnet
+from dsnet.arch import DS_MBNET_SMALL, DS_MBNET_TINY, DS_MBNET_V1, ArchSpec, Subnet
 from dsnet.layers import (
     AttentionHead,
     DSBatchNorm2d,
@@ -298,3 +298,11 @@ def ds_mbnet_small(num_classes: int = 10, in_chans: int = 1, drop_rate: float = 
                    routing_space: Sequence[int] = (0, 1, 2, 3)) -> DSNet:
     """A small DS-MBNet for 28-32 px inputs (the embedded MNIST default's model)."""
     return DSNet(DS_MBNET_SMALL, num_classes, in_chans, drop_rate, routing_space)
+
+
+@register_model("ds_mbnet_tiny")
+def ds_mbnet_tiny(num_classes: int = 10, in_chans: int = 1, drop_rate: float = 0.0,
+                  routing_space: Sequence[int] = (0, 1, 2, 3)) -> DSNet:
+    """DS-MBNet for 28 px grey images with a shared full-width trunk, slimming only after the
+    gate (the embedded Fashion-MNIST default's model; 14 subnets 0.61M-3.31M MAdds)."""
+    return DSNet(DS_MBNET_TINY, num_classes, in_chans, drop_rate, routing_space)

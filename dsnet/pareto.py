@@ -56,6 +56,23 @@ def pareto_front(top1: Sequence[float | None], madds: Sequence[float | None]) ->
     return front
 
 
+def hypervolume(top1: Sequence[float | None], madds: Sequence[float | None],
+                ref: tuple[float, float]) -> float:
+    """Area (top-1 points x MAdds) dominated by the points and bounded by ``ref``.
+
+    ``ref = (top1, madds)`` is the worst corner: only what is more accurate than ``ref[0]``
+    and cheaper than ``ref[1]`` counts. A fixed ``ref`` makes fronts of different searches
+    comparable: the larger the hypervolume, the better the front.
+    """
+    front = [(top1[i], madds[i]) for i in pareto_front(top1, madds)]
+    area, floor = 0.0, ref[0]
+    for acc, cost in front:  # ascending MAdds is ascending top-1 along a front
+        if acc > floor and cost < ref[1]:
+            area += (ref[1] - cost) * (acc - floor)
+            floor = acc
+    return area
+
+
 def average_ranks(values: Sequence[float]) -> list[float]:
     """1-based ranks of ``values``; tied values share the mean of their ranks."""
     order = sorted(range(len(values)), key=lambda i: values[i])
@@ -102,4 +119,4 @@ def spearman(x: Sequence[float | None], y: Sequence[float | None]) -> float:
     return _pearson(average_ranks(xs), average_ranks(ys))
 
 
-__all__ = ["average_ranks", "dominates", "pareto_front", "spearman"]
+__all__ = ["average_ranks", "dominates", "hypervolume", "pareto_front", "spearman"]

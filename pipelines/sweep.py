@@ -7,7 +7,7 @@ Usage::
                               [--supernet CHECKPOINT] [--num-samples K]
                               [--max-concurrent N] [--set KEY=VALUE ...] [--debug]
 
-With no arguments: ``configs/sweep_default.yml`` on the embedded ``mnist5k`` data. The
+With no arguments: ``configs/sweep_default.yml`` on the embedded ``fashion_mnist`` data. The
 sweep first trains (or reuses, when the sweep folder already has it) every distinct
 supernet the space needs, with its BN recalibration, through :func:`pipelines.stage.run_stages`
 (``supernet.*``/``reset_bn.*`` keys in the space make several; each is trained once and
@@ -533,6 +533,24 @@ def run_sweep(plan: SweepPlan, log: Callable[[str], None] = print,
     return write_outputs(plan, rows, supernets, started, concurrency)
 
 
+def _static_lines(outcome: SweepOutcome) -> list[str]:
+    """The front against the static curve, and the hypervolume."""
+    lines = []
+    if outcome.vs_static:
+        below = sum(p["gain"] < 0 for p in outcome.vs_static)
+        savings = [p["madds_saving"] for p in outcome.vs_static if p["madds_saving"]]
+        lines.append(f"front vs static curve: largest top-1 gain at equal MAdds "
+                     f"{max(p['gain'] for p in outcome.vs_static):+.2f} points, largest "
+                     f"MAdds saving at equal top-1 "
+                     f"{max(savings) if savings else float('nan'):.2f}x; {below} of "
+                     f"{len(outcome.vs_static)} front points below the curve")
+    if outcome.hypervolume:
+        hv = outcome.hypervolume
+        lines.append(f"hypervolume {hv['hypervolume']:.3f} (top-1 points x MAdds M, "
+                     f"reference {hv['ref_top1']:.2f} %, {hv['ref_madds_m']:.3f}M)")
+    return lines
+
+
 def summary(outcome: SweepOutcome, plan: SweepPlan) -> str:
     """The front table, the trial counts, the rank correlation and the wall time."""
     keys = list(plan.cfg.space)
@@ -545,6 +563,7 @@ def summary(outcome: SweepOutcome, plan: SweepPlan) -> str:
         lines.append(f"Spearman({key}, mean MAdds) = {_fmt_corr(c['pooled'])} pooled, "
                      f"{_fmt_corr(c['mean_within'])} within groups ("
                      + "; ".join(f"{g}: {_fmt_corr(v)}" for g, v in c["within"].items()) + ")")
+    lines += _static_lines(outcome)
     lines.append(f"wall time {outcome.wall_s:.0f} s; outputs in {plan.sweep_dir}")
     for r in outcome.rows:
         if r["status"] == "error":

@@ -8,12 +8,13 @@ config. Used by :mod:`pipelines.sweep`.
 
 from __future__ import annotations
 
+import collections
 import json
 import math
 import shlex
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -22,8 +23,8 @@ from dsnet.config import (
     ConfigError,
     config_to_dict,
 )
-from dsnet.evaluate import save_figure
-from dsnet.pareto import pareto_front, spearman
+from dsnet.evaluate import interpolate_static, save_figure, static_madds_at
+from dsnet.pareto import hypervolume, pareto_front, spearman
 from pipelines.run_record import atomic_write_json, versions
 from pipelines.stage import error_summary
 from pipelines.sweep_config import Dist, SweepConfig, plain_value
@@ -292,6 +293,8 @@ class SweepOutcome:
     correlations: dict[str, dict[str, Any]]
     interrupted: bool
     wall_s: float
+    vs_static: list[dict[str, Any]] = field(default_factory=list)
+    hypervolume: dict[str, Any] | None = None
 
 
 def write_outputs(plan: SweepPlan, rows: list[dict[str, Any]],
@@ -306,6 +309,8 @@ def write_outputs(plan: SweepPlan, rows: list[dict[str, Any]],
     corr = rank_correlations(rows, plan.cfg.space)
     counts = trial_counts(rows, plan.cfg)
     interrupted = counts["incomplete"] + counts["not_started"] > 0
+    curves = static_curves(static)
+    vs_static, hv = front_vs_static(rows, front, curves), front_hypervolume(rows, curves)
     wall = time.time() - started
     prev = _read_json(plan.sweep_dir / "sweep.json")
     atomic_write_json(plan.sweep_dir / "sweep.json", {
@@ -316,8 +321,49 @@ def write_outputs(plan: SweepPlan, rows: list[dict[str, Any]],
         "wall_s_total": round(prev.get("wall_s_total", 0.0) + wall, 1),
         "max_concurrent_trials": concurrency, "trials": counts, "interrupted": interrupted,
         "supernets": supernets, "front": [rows[i]["trial_id"] for i in front],
-        "front_madds_ratio": _madds_ratio(rows, front), "rank_correlation": corr})
-    return SweepOutcome(rows, front, corr, interrupted, wall)
+        "front_madds_ratio": _madds_ratio(rows, front), "rank_correlation": corr,
+        "front_vs_static": vs_static, "hypervolume": hv})
+    return SweepOutcome(rows, front, corr, interrupted, wall, vs_static, hv)
+
+
+def static_curves(static: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The static rows of supernets with at least two subnets: a curve to compare with.
+    (With ``--supernet`` the rows come from a trial's own table, which ``eval_subnets``
+    may cut to one subnet; a single point would pass for a flat curve.)"""
+    counts = collections.Counter(s["supernet"] for s in static)
+    return [s for s in static if counts[s["supernet"]] >= 2]
+
+
+def front_vs_static(rows: Sequence[dict[str, Any]], front: Sequence[int],
+                    static: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each front point against its supernet's static curve: the top-1 gain at equal MAdds
+    and the MAdds saving (static MAdds for the same top-1 / the point's) at equal top-1."""
+    out = []
+    for i in front:
+        r = rows[i]
+        curve = [s for s in static if s["supernet"] == r["supernet"]]
+        if not curve:
+            continue
+        static_top1 = interpolate_static(curve, r["madds"])
+        static_madds = static_madds_at(curve, r["top1"])
+        out.append({"trial_id": r["trial_id"], "madds": r["madds"], "top1": r["top1"],
+                    "static_top1": static_top1, "gain": r["top1"] - static_top1,
+                    "static_madds": static_madds,
+                    "madds_saving": static_madds / r["madds"] if static_madds else None})
+    return out
+
+
+def front_hypervolume(rows: Sequence[dict[str, Any]],
+                      static: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
+    """Hypervolume (top-1 points x MAdds in millions) of the finished trials, against the
+    static curves' worst corner (least accurate subnet's top-1, costliest subnet's MAdds):
+    fixed by the supernets, so searches over the same supernets compare."""
+    if not static:
+        return None
+    ref = (min(s["top1"] for s in static), max(s["madds"] for s in static) / 1e6)
+    done = [r for r in rows if r["status"] == "done"]
+    hv = hypervolume([r["top1"] for r in done], [r["madds"] / 1e6 for r in done], ref)
+    return {"hypervolume": hv, "ref_top1": ref[0], "ref_madds_m": ref[1]}
 
 
 def expected_trials(cfg: SweepConfig) -> int:

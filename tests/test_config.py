@@ -87,14 +87,16 @@ def test_default_pipeline_values():
     cfg = load_pipeline_config(ROOT / "configs" / "default.yml")
     sn, rb, gate = (cfg.stages[s] for s in STAGES)
     assert cfg.name == "default" and cfg.ray.num_workers == 2 and not cfg.ray.use_gpu
-    assert (sn.dataset, sn.model, sn.seed) == ("mnist5k", "ds_mbnet_small", 42)
+    assert (sn.dataset, sn.model, sn.seed) == ("fashion_mnist", "ds_mbnet_tiny", 42)
     assert (sn.epochs, sn.lr, sn.batch_size, sn.warmup_epochs, sn.weight_decay) == (
-        12, 0.1, 32, 1, 5e-5)
+        5, 0.2, 64, 0, 5e-5)
     assert (sn.drop, sn.model_ema, sn.model_ema_decay, sn.smoothing) == (0.1, True, 0.99, 0.1)
     assert (sn.aa, sn.reprob, sn.color_jitter, sn.num_random, sn.distill, sn.workers) == (
-        "", 0.0, 0.0, 2, "ieb", 0)
-    assert (rb.reset_bn_batches, rb.batch_size) == (30, 128)
-    assert (gate.epochs, gate.lr, gate.weight_decay, gate.num_choice) == (6, 0.05, 0.01, 4)
+        "", 0.0, 0.0, 1, "ieb", 0)
+    assert (rb.reset_bn_batches, rb.batch_size) == (10, 128)
+    assert (gate.epochs, gate.lr, gate.weight_decay, gate.num_choice) == (6, 0.5, 0.01, 4)
+    assert gate.routing_space == [0, 4, 8, 13]
+    assert (gate.madds_unit, gate.complexity_weight, gate.sgs_weight) == (1e6, 0.01, 0.0)
 
 
 def test_imagenet_pipeline_uses_authors_files():

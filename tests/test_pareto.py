@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from dsnet.pareto import average_ranks, dominates, pareto_front, spearman
+from dsnet.pareto import average_ranks, dominates, hypervolume, pareto_front, spearman
 
 
 def test_dominates() -> None:
@@ -75,3 +75,12 @@ def test_spearman() -> None:
     assert math.isnan(spearman([1], [2]))
     assert math.isnan(spearman([1, 1, 1], [1, 2, 3]))  # constant: undefined
     assert spearman([1, 2, None, 3], [1, 2, 5, math.nan]) == pytest.approx(1.0)
+
+
+def test_hypervolume_is_the_dominated_area_above_the_reference():
+    # Front (top1, madds): (90, 1), (92, 2), (95, 4); (89, 3) is dominated; ref (88, 5).
+    top1, madds = [90.0, 92.0, 89.0, 95.0], [1.0, 2.0, 3.0, 4.0]
+    # Slabs: (5-1)*(90-88) + (5-2)*(92-90) + (5-4)*(95-92) = 8 + 6 + 3.
+    assert hypervolume(top1, madds, (88.0, 5.0)) == pytest.approx(17.0)
+    assert hypervolume([87.0, 99.0], [1.0, 6.0], (88.0, 5.0)) == 0.0  # outside the box
+    assert hypervolume(top1 + [96.0], madds + [4.5], (88.0, 5.0)) > 17.0

@@ -62,15 +62,18 @@ def test_routing_table_is_consistent_with_the_gate_and_every_tail(setup):
     assert len(routing["choice_madds"]) == k
 
 
-def test_examples_are_images_the_gate_sent_to_the_ends(setup):
+def test_examples_are_images_the_gate_sent_to_each_choice(setup):
     model, loader, data = setup
     routing = evaluate_routing(model, loader, 10, input_size=28, keep=5)
-    for key, want in (("slimmest", 0), ("widest", 13)):
-        picked = routing["examples"][key]
-        assert 0 < len(picked) <= 5
-        x = torch.stack([data[i][0] for i in picked])
-        _, choices = model(x, subnet="dynamic", return_choices=True)
-        assert choices.tolist() == [want] * len(picked)
+    dynamic = evaluate_dynamic(model, loader, input_size=28)
+    assert set(routing["examples"]) == {str(c) for c in model.routing_space}
+    for subnet in model.routing_space:
+        picked = routing["examples"][str(subnet)]
+        assert len(picked) == min(5, dynamic["choices"][subnet])
+        if picked:
+            x = torch.stack([data[i][0] for i in picked])
+            _, choices = model(x, subnet="dynamic", return_choices=True)
+            assert choices.tolist() == [subnet] * len(picked)
 
 
 def test_headroom_share_is_gate_gain_over_oracle_gain():

@@ -34,9 +34,12 @@ from pipelines.sweep_config import AshaConfig, Dist, SweepConfig, load_sweep_con
 from pipelines.sweep_results import (
     check_same_sweep,
     expected_trials,
+    front_hypervolume,
+    front_vs_static,
     mark_front,
     rank_correlations,
     resolved_config,
+    static_curves,
 )
 
 TINY = REPO_ROOT / "configs" / "tiny.yml"
@@ -257,6 +260,30 @@ def test_front_and_rank_correlation_of_rows() -> None:
     corr = rank_correlations(rows, space)["gate.complexity_weight"]
     assert corr["within"] == {"gate.start_chn_idx=0": -1.0, "gate.start_chn_idx=6": -1.0}
     assert corr["mean_within"] == -1.0 and corr["n"] == 4
+
+
+def test_front_against_the_static_curve_and_hypervolume() -> None:
+    # Static curve of supernet "base": (1M, 80 %) - (2M, 84 %) - (4M, 86 %).
+    static = [{"supernet": "base", "subnet": s, "madds": m, "top1": a}
+              for s, m, a in ((0, 1e6, 80.0), (6, 2e6, 84.0), (13, 4e6, 86.0))]
+    rows = [{"trial_id": "a", "status": "done", "supernet": "base", "madds": 1.5e6,
+             "top1": 83.0},
+            {"trial_id": "b", "status": "done", "supernet": "base", "madds": 3e6, "top1": 84.5},
+            {"trial_id": "c", "status": "error", "supernet": "base", "madds": None,
+             "top1": None}]
+    a, b = front_vs_static(rows, [0, 1], static)
+    # a: the curve gives 82 % at 1.5M (+1 point); it reaches 83 % at 1.75M (1.17x saving).
+    assert (a["static_top1"], a["gain"]) == (pytest.approx(82.0), pytest.approx(1.0))
+    assert a["madds_saving"] == pytest.approx(1.75 / 1.5)
+    # b lies below the curve (85 % at 3M): a negative gain, and no MAdds saving.
+    assert b["gain"] == pytest.approx(-0.5) and b["madds_saving"] == pytest.approx(2.5 / 3)
+    hv = front_hypervolume(rows, static)
+    assert (hv["ref_top1"], hv["ref_madds_m"]) == (80.0, 4.0)
+    # (4 - 1.5) * (83 - 80) + (4 - 3) * (84.5 - 83)
+    assert hv["hypervolume"] == pytest.approx(7.5 + 1.5)
+    assert front_hypervolume(rows, []) is None
+    one_point = [{**static[0], "supernet": "given"}]
+    assert static_curves(static + one_point) == static
 
 
 # ----------------------------------------------------------------------------- Ray
