@@ -193,9 +193,14 @@ def headroom(subnets: Sequence[dict], dynamic: dict, oracle: dict) -> dict[str, 
             "oracle_gain": oracle_gain, "headroom_captured": share}
 
 
+def _static_points(rows: Sequence[dict]) -> list[tuple[float, float]]:
+    """(MAdds, top-1) of the uniform subnets (not ``largest``), by ascending MAdds."""
+    return sorted((r["madds"], r["top1"]) for r in rows if isinstance(r["subnet"], int))
+
+
 def interpolate_static(rows: Sequence[dict], madds: float) -> float:
     """Static subnets' top-1 linearly interpolated at ``madds`` (clamped to the ends)."""
-    pts = sorted((r["madds"], r["top1"]) for r in rows if isinstance(r["subnet"], int))
+    pts = _static_points(rows)
     if madds <= pts[0][0]:
         return pts[0][1]
     for (m0, a0), (m1, a1) in zip(pts, pts[1:]):
@@ -207,7 +212,7 @@ def interpolate_static(rows: Sequence[dict], madds: float) -> float:
 def static_madds_at(rows: Sequence[dict], top1: float) -> float | None:
     """The least MAdds at which the static curve (linear between subnets) reaches ``top1``;
     None if no static subnet is that accurate."""
-    pts = sorted((r["madds"], r["top1"]) for r in rows if isinstance(r["subnet"], int))
+    pts = _static_points(rows)
     if pts[0][1] >= top1:
         return pts[0][0]
     for (m0, a0), (m1, a1) in zip(pts, pts[1:]):

@@ -34,7 +34,8 @@ starts has it): it frees the placement group of a trial it stops.
 
 Sweep folder ``<output>/<name>/``: ``trials.csv`` (one row per trial), ``pareto.csv`` (the
 non-dominated trials and the supernets' static subnets), ``pareto.png``, ``sweep.json``
-(resolved config, versions, wall time, rank correlation); ``supernets/<id>/`` (pipeline
+(resolved config, versions, wall time, rank correlation, each front point's gain over its
+supernet's static curve and the front's hypervolume); ``supernets/<id>/`` (pipeline
 run folders), ``trials/<trial_id>/`` (``trial.json`` and the Train run), ``tune/``.
 
 The sweep YAML (see ``configs/sweep_default.yml``): ``name``, ``output``, ``pipeline`` (the
