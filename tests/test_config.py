@@ -164,6 +164,8 @@ def test_int_accepted_for_float():
     ({"complexity_weight": -1}, r"'complexity_weight' must be >= 0"),
     ({"reset_bn_batches": 0}, r"'reset_bn_batches' must be >= 1"),
     ({"start_chn_idx": -1}, r"'start_chn_idx' must be >= 0"),
+    ({"hflip": 1.5}, r"'hflip' must be in \[0, 1\]"),
+    ({"num_val": 0}, r"'num_val' must be"),
     ({"epochs": 3, "warmup_epochs": 4}, r"'warmup_epochs' must be <= epochs"),
     ({"sched": "linear"}, r"'sched' must be one of 'cosine', 'step', 'constant'"),
     ({"opt": "adam"}, r"'opt' must be one of .*did you mean 'adamw'"),
