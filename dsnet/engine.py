@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from dsnet.checkpoint import (
@@ -50,6 +51,9 @@ class Hook:
 
     def on_epoch_end(self, report: EpochReport, save: Callable[[Path], None]) -> None:
         """``save(path)`` writes the stage's full checkpoint; call it on rank 0 only."""
+
+    def on_log(self, line: str) -> None:
+        """A progress line within an epoch (every ``log_interval`` batches), every rank."""
 
 
 @dataclass
@@ -91,6 +95,10 @@ class ConsoleHook(Hook):
         if self.rank == 0:
             print(format_report(report), flush=True)
 
+    def on_log(self, line: str) -> None:
+        if self.rank == 0:
+            print(line, flush=True)
+
 
 class CheckpointHook(Hook):
     """Writes ``<folder>/checkpoint.pt`` (latest epoch) on rank 0, atomically.
@@ -130,6 +138,7 @@ def build_data(cfg: StageConfig) -> DataBundle:
         num_val=cfg.num_val, seed=cfg.seed, aa=cfg.aa or "", reprob=cfg.reprob,
         remode=cfg.remode, color_jitter=cfg.color_jitter, corrupt_images=cfg.corrupt_images,
         synthetic_size=cfg.synthetic_size, random_shift=cfg.random_shift, hflip=cfg.hflip,
+        train_interpolation=cfg.train_interpolation,
         num_classes=cfg.num_classes if cfg.dataset == "synthetic" else None)
 
 
@@ -200,6 +209,7 @@ def run_stage(cfg: StageConfig, *, dist: DistContext | None = None, hooks: Seque
     if cfg.threads > 0:  # oversubscribed cores make torch's spinning threads crawl
         torch.set_num_threads(cfg.threads)
     dist = dist or DistContext.from_environment(resolve_device(cfg.device))
+    np.random.seed((cfg.seed + dist.rank) % 2**32)  # timm's Mixup draws from numpy
     data = build_data(cfg)
     model = build_model(cfg, data)
     init = init_from or cfg.resume or None
@@ -209,8 +219,29 @@ def run_stage(cfg: StageConfig, *, dist: DistContext | None = None, hooks: Seque
     init_ckpt = load_weights(model, init) if init else None
     check_stage_order(cfg.stage, init_ckpt, init)
     runner = make_runner(cfg, model.to(dist.device), data, dist, init_ckpt)
-    start = runner.resume(read_checkpoint(resume_from)) if resume_from else 0
-    return _epoch_loop(cfg, runner, hooks, start)
+    runner.log = lambda line: [hook.on_log(line) for hook in hooks]
+    return _epoch_loop(cfg, runner, hooks, _first_epoch(cfg, runner, resume_from, init_ckpt))
+
+
+def _first_epoch(cfg: StageConfig, runner: Any, resume_from: str | Path | None,
+                 init_ckpt: dict | None) -> int:
+    """Where the epoch loop starts, restoring what it continues from.
+
+    ``resume_from`` (a restart after a failure) restores everything and wins. A
+    ``resume:`` checkpoint of this same stage continues it as the release's ``--resume``
+    does: its epoch, EMA and, unless ``no_resume_opt``, optimizer state. Otherwise
+    ``start_epoch`` (if set) says where to start, in the schedule and the sampling too.
+    """
+    start = 0
+    if resume_from:
+        start = runner.resume(read_checkpoint(resume_from))
+    elif init_ckpt is not None and init_ckpt.get("stage") == cfg.stage \
+            and "epoch" in init_ckpt:
+        start = runner.resume(init_ckpt, restore_optimizer=not cfg.no_resume_opt)
+    if cfg.start_epoch is not None and not resume_from:
+        start = cfg.start_epoch
+        runner.skip_to(start)
+    return start
 
 
 def check_stage_order(stage: str, ckpt: dict | None, path: Any) -> None:
@@ -226,7 +257,8 @@ def _epoch_loop(cfg: StageConfig, runner: Any, hooks: Sequence[Hook], start: int
     for epoch in range(start, epochs):
         t0 = time.perf_counter()
         metrics = runner.train_epoch(epoch)
-        metrics.update(runner.validate())
+        with runner.precision.autocast():
+            metrics.update(runner.validate())
         elapsed = time.perf_counter() - started
         metrics["epoch_s"] = time.perf_counter() - t0
         metrics["eta_s"] = elapsed / (epoch + 1 - start) * (epochs - epoch - 1)
@@ -237,7 +269,8 @@ def _epoch_loop(cfg: StageConfig, runner: Any, hooks: Sequence[Hook], start: int
                                  config=config_to_dict(cfg))
         for hook in hooks:
             hook.on_epoch_end(report, save)
-    subnets, dynamic = runner.finish()
+    with runner.precision.autocast():
+        subnets, dynamic = runner.finish()
     return StageResult(cfg.stage, metrics, None, subnets, dynamic, done)
 
 

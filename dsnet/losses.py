@@ -1,20 +1,26 @@
-"""Losses of both stages: label smoothing, soft targets, SGS, complexity penalty."""
+"""Losses of both stages: timm's label smoothing and soft-target cross entropy (the
+release's), and dsnet's own SGS and complexity penalty, which timm has no equivalent of."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+
+_SOFT_TARGET_CE = SoftTargetCrossEntropy()
 
 
 def label_smoothing_ce(logits: torch.Tensor, target: torch.Tensor,
                        smoothing: float = 0.1) -> torch.Tensor:
-    """Cross entropy against labels smoothed towards the uniform distribution."""
-    return F.cross_entropy(logits, target, label_smoothing=smoothing)
+    """Cross entropy against labels smoothed towards the uniform distribution (timm's)."""
+    if smoothing <= 0:
+        return F.cross_entropy(logits, target)
+    return LabelSmoothingCrossEntropy(smoothing)(logits, target)
 
 
 def soft_target_ce(logits: torch.Tensor, target_probs: torch.Tensor) -> torch.Tensor:
-    """Cross entropy against a soft distribution (the teacher's), averaged over the batch."""
-    return torch.sum(-target_probs * F.log_softmax(logits, dim=-1), dim=-1).mean()
+    """Cross entropy against a soft distribution (a teacher's, or mixup's targets) (timm's)."""
+    return _SOFT_TARGET_CE(logits, target_probs)
 
 
 def sgs_targets(smallest_correct: torch.Tensor, num_choices: int) -> torch.Tensor:
@@ -24,17 +30,22 @@ def sgs_targets(smallest_correct: torch.Tensor, num_choices: int) -> torch.Tenso
 
 
 def sgs_loss(gate_logits: torch.Tensor, targets: torch.Tensor,
-             on_probs: bool = False) -> torch.Tensor:
+             gumbel_soft: torch.Tensor | None = None, smoothing: float = 0.1) -> torch.Tensor:
     """Cross entropy of the slimming head against SGS targets.
 
     Args:
-        gate_logits: (B, K) slimming-head logits.
+        gate_logits: (B, K) slimming-head logits: dsnet's default takes plain cross entropy
+            of them.
         targets: (B,) SGS targets.
-        on_probs: reproduce the release, which applies cross entropy to softmax
-            *probabilities* (softmax twice). Off by default: it flattens the gradient.
+        gumbel_soft: (B, K) the Gumbel-softmax sample ``softmax((logits + g) / tau)``: given,
+            the release's form is reproduced, label-smoothed cross entropy applied to these
+            *probabilities* as if they were logits (a softmax twice, which flattens the
+            gradient; ``sgs_on_probs: true``).
+        smoothing: label smoothing of the release's form.
     """
-    scores = gate_logits.softmax(dim=1) if on_probs else gate_logits
-    return F.cross_entropy(scores, targets)
+    if gumbel_soft is not None:
+        return label_smoothing_ce(gumbel_soft, targets, smoothing)
+    return F.cross_entropy(gate_logits, targets)
 
 
 def complexity_loss(madds: torch.Tensor, weight: float, form: str = "square",

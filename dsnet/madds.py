@@ -5,6 +5,10 @@ groups``, the attention heads' 1x1 convolutions (on a 1x1 map), every average po
 ``channels * H_in * W_in`` and the classifier ``in * out``. BatchNorm, activations and the
 attention multiply are free. The count is analytic (no forward pass), so it is exact and
 cheap for any input size.
+
+Widths may also be tensors (one width per sample): every layer's count multiplies its
+running input and output widths, which is how the release's gate-training complexity term
+(:func:`masked_expected_madds`) makes the count quadratic in the gate's one-hot.
 """
 
 from __future__ import annotations
@@ -16,13 +20,15 @@ import torch
 from dsnet.arch import ArchSpec, Subnet
 from dsnet.layers import make_divisible
 
+Width = int | torch.Tensor  # an exact int, or a float tensor (B,) of per-sample widths
+
 
 def _conv_out(size: int, stride: int, kernel: int = 3) -> int:
     pad = ((stride - 1) + (kernel - 1)) // 2
     return (size + 2 * pad - kernel) // stride + 1
 
 
-def _block_madds(c_in: int, c_out: int, c_max: int, size: int, se_ratio: float) -> int:
+def _block_madds(c_in: Width, c_out: Width, c_max: int, size: int, se_ratio: float) -> Width:
     """One depthwise-separable block at output map ``size`` x ``size``."""
     r = make_divisible(c_max * se_ratio, 1)
     hw = size * size
@@ -32,9 +38,14 @@ def _block_madds(c_in: int, c_out: int, c_max: int, size: int, se_ratio: float) 
     return depthwise + attention + pointwise
 
 
-def widths_madds(arch: ArchSpec, widths: Sequence[int], in_chans: int, num_classes: int,
-                 input_size: int) -> int:
-    """MAdds of the static subnet with the given per-part widths."""
+def widths_madds(arch: ArchSpec, widths: Sequence[Width], in_chans: int, num_classes: int,
+                 input_size: int) -> Width:
+    """MAdds of the static subnet with the given per-part widths.
+
+    With int widths an exact int; a part's width may instead be a tensor (B,) of running
+    widths, and the count (B,) then broadcasts the same rule (exact in float64 for
+    integer-valued widths).
+    """
     size = _conv_out(input_size, arch.stem_stride)
     total = in_chans * widths[0] * 9 * size * size
     c_in, in_choices = widths[0], arch.stem_widths
@@ -81,3 +92,34 @@ def routing_madds(model: torch.nn.Module, input_size: int | None = None) -> torc
 def expected_madds(gate_weights: torch.Tensor, per_choice: torch.Tensor) -> torch.Tensor:
     """Per-sample MAdds (B,) of a dynamic forward from its (B, K) gate weights."""
     return gate_weights @ per_choice.to(gate_weights.dtype).to(gate_weights.device)
+
+
+def masked_expected_madds(model: torch.nn.Module, gate_weights: torch.Tensor,
+                          input_size: int | None = None) -> torch.Tensor:
+    """Per-sample MAdds (B,) of a dynamic forward, counted the release's way.
+
+    Each part from the gate stage on runs at the one-hot-weighted width
+    ``gate_weights @ routed_widths`` (B,), and every layer's count multiplies its running
+    input and output widths (:func:`widths_madds`), so the count is quadratic in the
+    one-hot and its gradient reaches the head through every layer, as the masked
+    straight-through estimator's does. The trunk before the gate is constant. For a hard
+    one-hot the value equals ``expected_madds(gate_weights, routing_madds(model,
+    input_size))``; :func:`expected_madds` is the linear counterpart.
+
+    Args:
+        model: a DS-Net supernet.
+        gate_weights: (B, K) routing one-hot (straight-through or soft).
+        input_size: square input resolution (default: the architecture's).
+    """
+    arch: ArchSpec = model.arch
+    space = model.routing_space
+    weights = gate_weights.to(torch.float64)                     # exact integer widths
+    widths: list[Width] = list(arch.uniform_widths(space[0]))[:arch.gate_stage + 1]
+    for spec in arch.stages[arch.gate_stage:]:
+        routed = torch.tensor([spec.widths[c] for c in space], dtype=torch.float64,
+                              device=weights.device)             # (K,)
+        widths.append(weights @ routed)                          # (B,) running width
+    total = widths_madds(arch, widths, model.in_chans, model.num_classes,
+                         input_size or arch.img_size)
+    gate_cost = model.gate_head.reduced_channels * len(space)   # the slimming head
+    return (total + gate_cost).to(gate_weights.dtype)

@@ -81,7 +81,7 @@ class DSStage(nn.Module):
 
 @dataclass
 class DynamicOutput:
-    """Everything a dynamic forward computes.
+    """Everything a dynamic forward computes (both gate-training estimators return it).
 
     Attributes:
         logits: (B, num_classes) class logits.
@@ -89,8 +89,15 @@ class DynamicOutput:
         gate_weights: (B, K) the one-hot actually applied: straight-through Gumbel-softmax
             in train mode (carries gradients to the head), plain one-hot in eval mode.
         choices: (B,) chosen subnet index per sample (values of the routing space).
-        tail_logits: train mode only: (B, K, num_classes) logits of every routed subnet
-            (gate training reads the slimmest one's for its SGS targets); None in eval.
+        tail_logits: train mode only: (B, T, num_classes), ``[:, t]`` the logits of routed
+            subnet t for t < T <= K, so ``[:, 0]`` is always the slimmest routed subnet's
+            (gate training's SGS targets). The tails estimator fills all T = K (with
+            gradients); the masked one (:func:`dsnet.masked.masked_train_forward`) only
+            T = 1, computed without gradients. None in eval mode.
+        gate_soft: train mode only: (B, K) the soft Gumbel-softmax sample
+            ``softmax((gate_logits + g) / tau)`` behind ``gate_weights`` (same noise g),
+            with gradients; the release's SGS "on probabilities" is applied to it.
+            None in eval mode.
     """
 
     logits: torch.Tensor
@@ -98,14 +105,24 @@ class DynamicOutput:
     gate_weights: torch.Tensor
     choices: torch.Tensor
     tail_logits: torch.Tensor | None = None
+    gate_soft: torch.Tensor | None = None
+
+
+def gumbel_sample(logits: torch.Tensor, tau: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """One Gumbel-softmax sample of (B, K) logits: (straight-through hard one-hot, soft).
+
+    The hard one-hot's forward value is the argmax of the soft sample and its gradient is
+    the soft sample's; ``soft`` is ``softmax((logits + g) / tau)`` for the same noise g.
+    """
+    gumbels = -torch.empty_like(logits).exponential_().log()   # ~ Gumbel(0, 1)
+    soft = ((logits + gumbels) / tau).softmax(dim=1)            # (B, K)
+    hard = torch.zeros_like(soft).scatter_(1, soft.argmax(dim=1, keepdim=True), 1.0)
+    return hard - soft.detach() + soft, soft
 
 
 def straight_through_gumbel(logits: torch.Tensor, tau: float = 1.0) -> torch.Tensor:
     """Hard one-hot of a Gumbel-softmax sample whose gradient is the soft sample's."""
-    gumbels = -torch.empty_like(logits).exponential_().log()   # ~ Gumbel(0, 1)
-    soft = ((logits + gumbels) / tau).softmax(dim=1)
-    hard = torch.zeros_like(soft).scatter_(1, soft.argmax(dim=1, keepdim=True), 1.0)
-    return hard - soft.detach() + soft
+    return gumbel_sample(logits, tau)[0]
 
 
 class DSNet(nn.Module):
@@ -243,17 +260,24 @@ class DSNet(nn.Module):
 
         Eval mode (gate head): argmax, and samples are grouped by choice so each group runs
         the rest of the network at its own width (no masks, no full-width compute).
-        Train mode: a straight-through Gumbel one-hot; every routed subnet runs on the whole
-        batch and the one-hot mixes their logits, so each sample gets exactly its subnet's
-        logits and the head gets gradients from every choice.
+
+        Train mode (gate head) is the *tails* estimator of the gate's straight-through
+        path: a straight-through Gumbel one-hot; every routed subnet's tail runs on the
+        whole batch and the one-hot mixes their logits, so each sample gets exactly its
+        subnet's logits and the head's gradient is d(loss)/d(logits) . (tail logits), one
+        term per choice. The release's estimator, :func:`dsnet.masked.masked_train_forward`,
+        gives the same forward values but runs the widest routed width once, with the
+        one-hot building per-sample channel masks and BN statistics after every sliced
+        layer, so the head's gradient flows through every masked layer instead.
         """
         feats, gate_logits = self.forward_trunk(x)
         space = torch.tensor(self.routing_space, device=x.device)
         if self.gate_head.training:
-            weights = straight_through_gumbel(gate_logits, gumbel_tau)      # (B, K)
+            weights, soft = gumbel_sample(gate_logits, gumbel_tau)         # (B, K) each
             tails = torch.stack([self.forward_tail(feats, c) for c in self.routing_space], 1)
             logits = (weights.unsqueeze(-1) * tails).sum(1)                 # (B, classes)
-            return DynamicOutput(logits, gate_logits, weights, space[weights.argmax(1)], tails)
+            return DynamicOutput(logits, gate_logits, weights, space[weights.argmax(1)],
+                                 tails, soft)
         index = gate_logits.argmax(dim=1)                                  # (B,)
         weights = F.one_hot(index, len(self.routing_space)).to(gate_logits.dtype)
         logits = self._grouped_tails(feats, index)

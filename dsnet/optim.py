@@ -1,41 +1,81 @@
-"""Optimizers and the learning-rate schedule (linear warm-up, then cosine/step/constant)."""
+"""Optimizer and learning-rate schedule, both from timm (the release's own recipe).
+
+The release called timm 0.3.2's ``create_optimizer`` and ``create_scheduler``; dsnet calls
+their timm 1.0 successors with the same arguments, so:
+
+* 1-D parameters (BatchNorm weights, biases) and every ``.bias`` get no weight decay
+  (timm's ``param_groups_weight_decay``), SGD is Nesterov with momentum 0.9;
+* the schedule warms up linearly from ``warmup_lr`` over ``warmup_epochs``, follows a cosine
+  (or step) curve down to ``min_lr`` at ``epochs`` and then stays at ``min_lr`` for
+  ``cooldown_epochs``: a stage runs ``epochs + cooldown_epochs`` epochs;
+* the schedule is stepped once per epoch, as the release did, or once per optimizer update
+  with ``sched_on_updates`` (short runs, where a few epochs make a coarse staircase).
+"""
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterable
+from dataclasses import dataclass
 
 import torch
+from timm.optim import create_optimizer_v2
+from timm.scheduler import create_scheduler_v2
+from timm.scheduler.scheduler import Scheduler
+from torch import nn
+
+from dsnet.config import StageConfig
+
+# dsnet's names -> timm's (``constant`` is timm's step schedule that never decays)
+_TIMM_OPT = {"sgd": "sgd", "adamw": "adamw", "rmsprop": "rmsprop"}
 
 
-def build_optimizer(params: Iterable[torch.nn.Parameter], opt: str, lr: float,
-                    weight_decay: float) -> torch.optim.Optimizer:
-    """SGD (momentum 0.9, Nesterov, the release's), AdamW or RMSprop."""
-    params = [p for p in params if p.requires_grad]
-    if opt == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True,
-                               weight_decay=weight_decay)
-    if opt == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    if opt == "rmsprop":
-        return torch.optim.RMSprop(params, lr=lr, alpha=0.9, momentum=0.9,
-                                   weight_decay=weight_decay)
-    raise ValueError(f"unknown optimizer {opt!r} (sgd | adamw | rmsprop)")
+def build_optimizer(model: nn.Module, cfg: StageConfig) -> torch.optim.Optimizer:
+    """timm's optimizer over ``model``'s trainable parameters (``requires_grad``).
+
+    Weight decay skips 1-D parameters and biases when ``weight_decay > 0``, as
+    ``timm.optim.param_groups_weight_decay`` (the release's ``add_weight_decay``) groups them.
+    """
+    return create_optimizer_v2(model, _TIMM_OPT[cfg.opt], lr=cfg.lr,
+                               weight_decay=cfg.weight_decay, momentum=0.9,
+                               filter_bias_and_bn=True)
 
 
-def lr_at(step: int, total_steps: int, warmup_steps: int, base_lr: float,
-          warmup_lr: float = 1e-5, sched: str = "cosine") -> float:
-    """Learning rate at optimizer step ``step`` (0-based), updated every step."""
-    if step < warmup_steps:
-        return warmup_lr + (base_lr - warmup_lr) * step / max(1, warmup_steps)
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    if sched == "cosine":
-        return 0.5 * base_lr * (1.0 + math.cos(math.pi * min(1.0, progress)))
-    if sched == "step":  # divide by 10 at 1/3 and 2/3 of training
-        return base_lr * 0.1 ** int(min(progress, 0.999) * 3)
-    return base_lr
+@dataclass
+class LRSchedule:
+    """A timm scheduler and how the stage steps it.
+
+    Call :meth:`start_epoch` before each epoch and :meth:`before_update` before each
+    optimizer step; both are stateless in the epoch/update number, so a resumed run sets the
+    same learning rates as the uninterrupted one.
+    """
+
+    scheduler: Scheduler
+    total_epochs: int  # epochs + cooldown_epochs
+    on_updates: bool
+    updates_per_epoch: int
+
+    def start_epoch(self, epoch: int) -> None:
+        if not self.on_updates:
+            self.scheduler.step(epoch)
+
+    def before_update(self, num_updates: int) -> None:
+        if self.on_updates:
+            self.scheduler.step_update(num_updates)
 
 
-def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    for group in optimizer.param_groups:
-        group["lr"] = lr
+def build_schedule(optimizer: torch.optim.Optimizer, cfg: StageConfig,
+                   updates_per_epoch: int) -> LRSchedule:
+    """timm's scheduler for the stage config (``create_scheduler_v2``, the release's args)."""
+    sched = "step" if cfg.sched == "constant" else cfg.sched
+    scheduler, _ = create_scheduler_v2(
+        optimizer, sched=sched, num_epochs=cfg.epochs,
+        decay_epochs=cfg.decay_epochs, decay_rate=1.0 if cfg.sched == "constant" else
+        cfg.decay_rate, cooldown_epochs=cfg.cooldown_epochs, min_lr=cfg.min_lr,
+        warmup_lr=cfg.warmup_lr, warmup_epochs=cfg.warmup_epochs,
+        step_on_epochs=not cfg.sched_on_updates, updates_per_epoch=updates_per_epoch)
+    return LRSchedule(scheduler, cfg.total_epochs, cfg.sched_on_updates,
+                      updates_per_epoch)
+
+
+def current_lr(optimizer: torch.optim.Optimizer) -> float:
+    """The learning rate of the optimizer's first parameter group."""
+    return float(optimizer.param_groups[0]["lr"])

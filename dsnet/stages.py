@@ -16,7 +16,7 @@ from torch import nn
 
 from dsnet.bn_calibration import recalibrate_bn
 from dsnet.config import StageConfig
-from dsnet.data import DataBundle, build_loader, set_loader_epoch
+from dsnet.data import DataBundle, build_loader, build_mixup, set_loader_epoch
 from dsnet.distributed import DistContext
 from dsnet.ema import ModelEma
 from dsnet.engine import save_stage_checkpoint
@@ -34,9 +34,19 @@ from dsnet.losses import (
     sgs_targets,
     soft_target_ce,
 )
-from dsnet.madds import expected_madds, routing_madds
-from dsnet.optim import build_optimizer, lr_at, set_lr
+from dsnet.madds import expected_madds, masked_expected_madds, routing_madds
+from dsnet.masked import masked_train_forward
+from dsnet.model import DynamicOutput
+from dsnet.optim import LRSchedule, build_optimizer, build_schedule, current_lr
+from dsnet.precision import Precision
 from dsnet.sampling import sandwich_subnets
+
+
+def loader_options(cfg: StageConfig, device: torch.device) -> dict[str, Any]:
+    """DataLoader settings: ``pin_mem`` pins batches for copies to a GPU (pinned pages help
+    nothing else), and loader processes persist across epochs instead of restarting."""
+    return {"workers": cfg.workers, "pin_memory": cfg.pin_mem and device.type == "cuda",
+            "persistent_workers": cfg.workers > 0}
 
 
 class StageRunner:
@@ -48,17 +58,33 @@ class StageRunner:
                  dist: DistContext, init_ckpt: dict | None = None) -> None:
         self.cfg, self.model, self.data, self.dist = cfg, model, data, dist
         self.device = dist.device
+        loader_kw = dict(rank=dist.rank, world_size=dist.world_size,
+                         **loader_options(cfg, self.device))
         self.train_loader = build_loader(data.train, cfg.batch_size, train=True,
-                                         rank=dist.rank, world_size=dist.world_size,
-                                         seed=cfg.seed, workers=cfg.workers)
+                                         seed=cfg.seed, **loader_kw)
         self.val_loader = build_loader(
             data.val, cfg.batch_size * cfg.validation_batch_size_multiplier, train=False,
-            rank=dist.rank, world_size=dist.world_size, workers=cfg.workers)
+            **loader_kw)
         dist.broadcast_(model.state_dict().values())  # identical start on every rank
+        self.precision = Precision.from_config(cfg.amp, cfg.amp_dtype, self.device)
+        self.scaler = self.precision.grad_scaler()
         self.ema: ModelEma | None = None
         self.optimizer: torch.optim.Optimizer | None = None
+        self.schedule: LRSchedule | None = None
         self.step = 0
         self.epochs = cfg.epochs
+        self.log = lambda line: None  # set by the engine: progress lines every log_interval
+        self.running_loss = float("nan")  # the epoch's mean loss so far, for those lines
+
+    @property
+    def updates_per_epoch(self) -> int:
+        return max(1, len(self.train_loader) // self.cfg.optimizer_step)
+
+    def _init_optimizer(self) -> None:
+        """timm's optimizer over the trainable parameters, and its lr schedule."""
+        self.optimizer = build_optimizer(self.model, self.cfg)
+        self.schedule = build_schedule(self.optimizer, self.cfg, self.updates_per_epoch)
+        self.epochs = self.schedule.total_epochs
 
     def batches(self, epoch: int):
         """Training batches of an epoch on this rank's device."""
@@ -66,42 +92,78 @@ class StageRunner:
         for x, y in self.train_loader:
             yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
+    def train_batches(self, epoch: int):
+        """``(i, x, y)`` of an epoch, with the lr of the epoch set and progress logged."""
+        if self.schedule is not None:
+            self.schedule.start_epoch(epoch)
+        n, t0 = len(self.train_loader), time.perf_counter()
+        for i, (x, y) in enumerate(self.batches(epoch)):
+            yield i, x, y
+            if (i + 1) % self.cfg.log_interval == 0 and i + 1 < n:
+                rate = (i + 1) * len(y) * self.dist.world_size / (time.perf_counter() - t0)
+                self.log(f"[{self.stage}] epoch {epoch + 1}/{self.epochs} batch {i + 1}/{n} "
+                         f"loss {self.running_loss:.4f} lr {self._lr_now():.3g} img/s {rate:.0f}")
+
+    def _lr_now(self) -> float:
+        return current_lr(self.optimizer) if self.optimizer is not None else 0.0
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Backward of a (possibly float16-scaled) loss; gradients accumulate."""
+        self.scaler.scale(loss).backward()
+
     def save(self, path: Path, epoch: int, metrics: dict, config: dict) -> None:
         save_stage_checkpoint(path, self.stage, self.model, epoch, metrics, config, self.ema,
-                              self.optimizer, extra={"step": self.step})
+                              self.optimizer, extra={"step": self.step,
+                                                     "grad_scaler": self.scaler.state_dict()})
 
-    def resume(self, ckpt: dict[str, Any]) -> int:
+    def resume(self, ckpt: dict[str, Any], restore_optimizer: bool = True) -> int:
         """Restore from this stage's checkpoint; return the first epoch still to run."""
         self.model.load_state_dict(ckpt["state_dict"])
         if self.ema is not None and ckpt.get("state_dict_ema") is not None:
             self.ema.load_state_dict(ckpt["state_dict_ema"])
-        if self.optimizer is not None and ckpt.get("optimizer"):
+        extra = ckpt.get("extra") or {}
+        if restore_optimizer and self.optimizer is not None and ckpt.get("optimizer"):
             self.optimizer.load_state_dict(ckpt["optimizer"])
-        self.step = int((ckpt.get("extra") or {}).get("step", 0))
+        if restore_optimizer and extra.get("grad_scaler"):
+            self.scaler.load_state_dict(extra["grad_scaler"])
+        self.step = int(extra.get("step", 0))
         if self.ema is not None:
             self.ema.updates = self.step  # one EMA update per optimizer step
         return int(ckpt.get("epoch", -1)) + 1
 
+    def skip_to(self, epoch: int) -> None:
+        """Start at ``epoch`` (``start_epoch``): the schedule and sampling count from there."""
+        self.step = epoch * self.updates_per_epoch
+        if self.ema is not None:
+            self.ema.updates = self.step
+
     def finish(self) -> tuple[list[dict] | None, dict | None]:
         return None, None
-
-    def _lr(self) -> float:
-        cfg = self.cfg
-        per_epoch = max(1, len(self.train_loader) // cfg.optimizer_step)
-        return lr_at(self.step, per_epoch * cfg.epochs, per_epoch * cfg.warmup_epochs,
-                     cfg.lr, cfg.warmup_lr, cfg.sched)
 
     def _optimizer_step(self, params: list[nn.Parameter]) -> float:
         """Average gradients across ranks, step with the scheduled lr, update the EMA."""
         self.dist.average_gradients(params)
-        lr = self._lr()
-        set_lr(self.optimizer, lr)
-        self.optimizer.step()
+        self.schedule.before_update(self.step)
+        lr = current_lr(self.optimizer)
+        self.scaler.step(self.optimizer)  # unscales float16 gradients; skips on inf
+        self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         if self.ema is not None:
             self.ema.update(self.model)
         self.step += 1
         return lr
+
+    def sync_bn_statistics(self) -> None:
+        """``dist_bn``: make the ranks' BN statistics agree after an epoch (as the release)."""
+        if not self.dist.distributed or not self.cfg.dist_bn:
+            return
+        for model in [self.model] + ([self.ema.module] if self.ema is not None else []):
+            stats = [b for name, b in model.named_buffers()
+                     if name.endswith(("running_mean", "running_var"))]
+            if self.cfg.dist_bn == "reduce":
+                self.dist.all_reduce_mean_(stats)
+            else:
+                self.dist.broadcast_(stats)
 
     def _check_finite(self, loss: torch.Tensor, epoch: int, i: int) -> None:
         if not torch.isfinite(loss):
@@ -111,7 +173,10 @@ class StageRunner:
 
 
 class SupernetRunner(StageRunner):
-    """Stage I: sandwich rule (largest, ``num_random`` random, smallest) per step."""
+    """Stage I: sandwich rule (largest, ``num_random`` random, smallest) per step.
+
+    ``slim_train: false`` trains the largest network alone (the release's plain mode).
+    """
 
     stage = "supernet"
 
@@ -119,22 +184,41 @@ class SupernetRunner(StageRunner):
         super().__init__(*args)
         self.model.gate_head.gate.requires_grad_(False)  # the slimming head is Stage II's
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = build_optimizer(self.params, self.cfg.opt, self.cfg.lr,
-                                         self.cfg.weight_decay)
+        self._init_optimizer()
         # The authors' `inplace_bootstrap: false` switches distillation off altogether.
         self.distill = self.cfg.distill if self.cfg.inplace_bootstrap else "none"
+        if not self.cfg.slim_train:
+            self.distill = "none"
         if self.cfg.model_ema or self.distill == "ieb":
             self.ema = ModelEma(self.model, self.cfg.model_ema_decay, self.cfg.model_ema_warmup)
+        cfg = self.cfg
+        self.mixup = build_mixup(cfg.mixup, cfg.cutmix, cfg.cutmix_minmax, cfg.mixup_prob,
+                                 cfg.mixup_switch_prob, cfg.mixup_mode, cfg.smoothing,
+                                 self.data.num_classes)
+
+    def _mix(self, x: torch.Tensor, y: torch.Tensor,
+             epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mixup/CutMix (timm's) until ``mixup_off_epoch``: y becomes (B, classes) soft."""
+        off = self.cfg.mixup_off_epoch
+        if self.mixup is None or (off and epoch >= off):
+            return x, y
+        return self.mixup(x, y)
 
     def train_epoch(self, epoch: int) -> dict[str, float]:
         self.model.train()
         total, seen, t0, lr = 0.0, 0, time.perf_counter(), 0.0
-        for i, (x, y) in enumerate(self.batches(epoch)):
-            loss = self.sandwich_step(x, y)
+        for i, x, y in self.train_batches(epoch):
+            x, y = self._mix(x, y, epoch)
+            if self.cfg.slim_train:
+                loss = self.sandwich_step(x, y)
+            else:
+                loss = self._student_step(x, y, "largest", None)
             self._check_finite(loss, epoch, i)
             total, seen = total + loss.item() * len(y), seen + len(y)
+            self.running_loss = total / seen
             if (i + 1) % self.cfg.optimizer_step == 0:
                 lr = self._optimizer_step(self.params)
+        self.sync_bn_statistics()
         return {"loss": total / max(seen, 1), "lr": lr,
                 "img_per_s": seen * self.dist.world_size / (time.perf_counter() - t0)}
 
@@ -145,39 +229,49 @@ class SupernetRunner(StageRunner):
         if mode == "none":
             return None, []
         if mode == "inplace":  # the live largest network's output, detached
-            return largest_logits.detach().softmax(-1), []
-        with torch.no_grad():  # IEB: the EMA teacher on the *same* subnets as the student
+            return largest_logits.detach().float().softmax(-1), []
+        with torch.no_grad(), self.precision.autocast():
+            # IEB: the EMA teacher on the *same* subnets as the student
             teacher = self.ema.module
-            largest = teacher(x, subnet="largest").softmax(-1)
-            randoms = [teacher(x, subnet=c).softmax(-1) for c in subnets] \
+            largest = teacher(x, subnet="largest").float().softmax(-1)
+            randoms = [teacher(x, subnet=c).float().softmax(-1) for c in subnets] \
                 if self.cfg.ensemble_ib else []
         return largest, randoms
 
     def sandwich_step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Forward/backward the sandwich; gradients accumulate. Returns the summed loss."""
-        cfg, scale = self.cfg, 1.0 / self.cfg.optimizer_step
+        """Forward/backward the sandwich; gradients accumulate. Returns the summed loss.
+
+        ``y`` is (B,) labels, or (B, classes) soft targets under mixup.
+        """
+        cfg = self.cfg
         subnets = sandwich_subnets(cfg.seed, self.step, self.model.num_subnets, cfg.num_random)
-        out = self.model(x, subnet="largest")
-        loss = label_smoothing_ce(out, y, cfg.smoothing)
-        (loss * scale).backward()
+        with self.precision.autocast():
+            out = self.model(x, subnet="largest")
+            loss = self.task_loss(out, y)
+        self.backward(loss / cfg.optimizer_step)
         teacher, teacher_randoms = self.teacher_probs(x, out, subnets)
-        total = loss.detach()
+        total = loss.detach().float()
         for c in subnets:
-            total += self._student_step(x, y, c, teacher, scale)
+            total += self._student_step(x, y, c, teacher)
         smallest_target = teacher
         if cfg.ensemble_ib and teacher is not None and teacher_randoms:
             smallest_target = torch.stack([teacher, *teacher_randoms]).mean(0)
-        return total + self._student_step(x, y, 0, smallest_target, scale)
+        return total + self._student_step(x, y, 0, smallest_target)
 
-    def _student_step(self, x: torch.Tensor, y: torch.Tensor, subnet: int,
-                      target: torch.Tensor | None, scale: float) -> torch.Tensor:
-        out = self.model(x, subnet=subnet)
-        if target is None:
-            loss = label_smoothing_ce(out, y, self.cfg.smoothing)
-        else:
-            loss = soft_target_ce(out, target)
-        (loss * scale).backward()
-        return loss.detach()
+    def task_loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Label-smoothed CE on labels; soft-target CE on mixup's targets (smoothed there)."""
+        if y.is_floating_point():
+            return soft_target_ce(logits.float(), y)
+        return label_smoothing_ce(logits.float(), y, self.cfg.smoothing)
+
+    def _student_step(self, x: torch.Tensor, y: torch.Tensor, subnet: int | str,
+                      target: torch.Tensor | None) -> torch.Tensor:
+        with self.precision.autocast():
+            out = self.model(x, subnet=subnet)
+            loss = self.task_loss(out, y) if target is None \
+                else soft_target_ce(out.float(), target)
+        self.backward(loss / self.cfg.optimizer_step)
+        return loss.detach().float()
 
     def validate(self) -> dict[str, float]:
         largest = evaluate_subnet(self.model, self.val_loader, "largest", self.dist,
@@ -222,7 +316,9 @@ class ResetBNRunner(StageRunner):
         # Statistics are always averaged over ranks (the release's `dist_bn: reduce`):
         # anything else would leave the ranks' copies of the model disagreeing.
         for model in [self.model] + ([self.ema.module] if self.ema is not None else []):
-            n = recalibrate_bn(model, self._calibration_batches(), self.subnets(), self.dist)
+            with self.precision.autocast():
+                n = recalibrate_bn(model, self._calibration_batches(), self.subnets(),
+                                   self.dist)
         seen = n * self.cfg.batch_size * self.dist.world_size
         return {"batches": n,
                 "img_per_s": seen / (time.perf_counter() - t0)}
@@ -272,8 +368,7 @@ class GateRunner(StageRunner):
         self.params = self.model.gate_parameters()
         for p in self.params:
             p.requires_grad_(True)
-        self.optimizer = build_optimizer(self.params, self.cfg.opt, self.cfg.lr,
-                                         self.cfg.weight_decay)
+        self._init_optimizer()
         if self.cfg.gate_ema:
             self.ema = ModelEma(self.model, self.cfg.model_ema_decay)
         self.per_choice = routing_madds(self.model, self.data.img_size).to(self.device)
@@ -286,30 +381,53 @@ class GateRunner(StageRunner):
     def train_epoch(self, epoch: int) -> dict[str, float]:
         self.train_mode()
         sums, seen, t0, lr = torch.zeros(3), 0, time.perf_counter(), 0.0
-        for i, (x, y) in enumerate(self.batches(epoch)):
+        for i, x, y in self.train_batches(epoch):
             loss, parts = self.gate_step(x, y)
             self._check_finite(loss, epoch, i)
             sums += torch.tensor(parts) * len(y)
             seen += len(y)
+            self.running_loss = sums[0].item() / seen
             if (i + 1) % self.cfg.optimizer_step == 0:
                 lr = self._optimizer_step(self.params)
+        self.sync_bn_statistics()
         task, sgs, madds = (sums / max(seen, 1)).tolist()
         return {"loss": task, "sgs_loss": sgs, "train_madds": madds, "lr": lr,
                 "img_per_s": seen * self.dist.world_size / (time.perf_counter() - t0)}
 
+    def dynamic_forward(self, x: torch.Tensor) -> DynamicOutput:
+        """The straight-through dynamic forward of ``estimator``.
+
+        ``tails``: every routed tail on the whole batch, logits mixed by the one-hot; the
+        MAdds linear in it. ``masked`` (the release's): the widest routed width once, a
+        one-hot channel mask after every sliced layer; MAdds from the one-hot-weighted
+        running widths (quadratic in it).
+        """
+        if self.cfg.estimator == "masked":
+            return masked_train_forward(self.model, x, self.cfg.gumbel_tau)
+        return self.model.forward_dynamic(x, self.cfg.gumbel_tau)
+
+    def dynamic_madds(self, gate_weights: torch.Tensor) -> torch.Tensor:
+        """(B,) MAdds of the routed samples, in float32 (outside autocast: exact counts)."""
+        weights = gate_weights.float()
+        if self.cfg.estimator == "masked":
+            return masked_expected_madds(self.model, weights, self.data.img_size).float()
+        return expected_madds(weights, self.per_choice)
+
     def gate_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, list[float]]:
         """Task loss on the dynamic output + SGS + complexity; gradients accumulate."""
         cfg = self.cfg
-        out = self.model.forward_dynamic(x, cfg.gumbel_tau)
-        task = label_smoothing_ce(out.logits, y, cfg.smoothing)
+        with self.precision.autocast():
+            out = self.dynamic_forward(x)
+        madds = self.dynamic_madds(out.gate_weights)
+        task = label_smoothing_ce(out.logits.float(), y, cfg.smoothing)
         slimmest_correct = out.tail_logits[:, 0].argmax(1) == y
         targets = sgs_targets(slimmest_correct, len(self.model.routing_space))
-        sgs = sgs_loss(out.gate_logits, targets, cfg.sgs_on_probs)
-        madds = expected_madds(out.gate_weights, self.per_choice)
+        soft = out.gate_soft.float() if cfg.sgs_on_probs else None
+        sgs = sgs_loss(out.gate_logits.float(), targets, soft, cfg.smoothing)
         penalty = complexity_loss(madds, cfg.complexity_weight, cfg.complexity_form,
                                   cfg.target_madds, cfg.madds_unit)
         loss = task + cfg.sgs_weight * sgs + penalty
-        (loss / cfg.optimizer_step).backward()
+        self.backward(loss / cfg.optimizer_step)
         return loss.detach(), [task.item(), sgs.item(), madds.mean().item()]
 
     def validate(self) -> dict[str, float]:

@@ -96,6 +96,11 @@ class RayReportHook(Hook):
             # Uploads synchronously to the run's storage before returning.
             ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
 
+    def on_log(self, line: str) -> None:
+        if self.rank == 0:
+            sys.stdout.write(line + "\n")
+            sys.stdout.flush()
+
 
 class FaultHook(Hook):
     """Fails on rank ``fault["rank"]`` after epoch ``fault["after_epoch"]`` once, leaving

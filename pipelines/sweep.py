@@ -495,7 +495,7 @@ def build_tuner(plan: SweepPlan, setup: dict[str, Any], concurrency: int,
                                 callbacks=list(callbacks), verbose=1)
     tune_config = tune.TuneConfig(
         search_alg=_search_alg(plan.cfg, concurrency),
-        scheduler=_scheduler(plan.cfg, plan.pipeline.stages["gate"].epochs),
+        scheduler=_scheduler(plan.cfg, plan.pipeline.stages["gate"].total_epochs),
         num_samples=plan.cfg.num_samples,
         trial_dirname_creator=_trial_dirname, trial_name_creator=_trial_dirname)
     return tune.Tuner(trainable, param_space=param_space(plan.cfg), tune_config=tune_config,

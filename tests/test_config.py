@@ -216,9 +216,9 @@ def test_stage_inference_and_dash_keys():
     both = {"gate_train": True, "test_mode": True, "reset_bn": True}
     assert stage_config_from_dict(both).stage == "reset_bn"
     assert stage_config_from_dict({**both, "stage": "gate"}).stage == "gate"
-    assert stage_config_from_dict({"drop-path": 0.1}).drop_path == 0.1
+    assert stage_config_from_dict({"drop-path": 0.0}).drop_path == 0.0
     with pytest.raises(ConfigError, match="given twice"):
-        stage_config_from_dict({"drop-path": 0.1, "drop_path": 0.2})
+        stage_config_from_dict({"drop-path": 0.0, "drop_path": 0.0})
 
 
 # --- pipelines ------------------------------------------------------------------------

@@ -208,7 +208,8 @@ def test_corrupt_latest_checkpoint_falls_back_in_process(
 def _fast_supernet(**kw: object):
     base = {"stage": "supernet", "dataset": "synthetic", "synthetic_size": 64, "img_size": 16,
             "workers": 0, "aa": "", "reprob": 0.0, "color_jitter": 0.0, "epochs": 3,
-            "warmup_epochs": 0, "batch_size": 32, "num_random": 1, "seed": 0}
+            "warmup_epochs": 0, "batch_size": 32, "num_random": 1, "seed": 0,
+            "cooldown_epochs": 0}
     return stage_config_from_dict({**base, **kw})
 
 
