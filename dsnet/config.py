@@ -367,6 +367,10 @@ def _check_refused(cfg: StageConfig) -> None:
                 raise ConfigError(f"key '{key}' applies to supernet training only; set it "
                                   f"under 'supernet:' (the {cfg.stage} stage got "
                                   f"{getattr(cfg, key)!r})")
+    mixing = cfg.mixup > 0 or cfg.cutmix > 0 or cfg.cutmix_minmax is not None
+    if mixing and cfg.batch_size % 2:
+        raise ConfigError(f"mixup/cutmix pair each image with another of its batch: "
+                          f"batch_size must be even, got {cfg.batch_size}")
     if cfg.stage == "reset_bn" and cfg.dist_bn == "broadcast":
         raise ConfigError("key 'dist_bn': BN recalibration always averages the statistics "
                           "over workers; use dist_bn: reduce (or leave it empty)")
@@ -402,7 +406,22 @@ def validate_stage(cfg: StageConfig) -> StageConfig:
 def validate_ray(cfg: RayConfig) -> RayConfig:
     """Check types and ranges of a Ray config; returns it. Raises ConfigError."""
     _check_fields(cfg, _RAY_RANGES)
+    _check_gpu_share(cfg)
     return cfg
+
+
+def _check_gpu_share(cfg: RayConfig) -> None:
+    """Several GPU workers need whole GPUs each (``gpus_per_worker: 0`` means one): a
+    fraction lets Ray put two ranks on one GPU, and NCCL refuses a group like that."""
+    gpus = cfg.gpus_per_worker
+    if not cfg.use_gpu or cfg.num_workers <= 1 or gpus == 0:
+        return
+    if gpus < 1 or gpus != int(gpus):
+        raise ConfigError(
+            f"key 'gpus_per_worker' must be a whole number of GPUs (0 = one each) with "
+            f"use_gpu and {cfg.num_workers} workers, got {gpus!r}: a fraction lets Ray put "
+            "two workers on one GPU and NCCL refuses two ranks on the same GPU; use "
+            "gpus_per_worker: 1 or num_workers: 1")
 
 
 def _normalize(d: Mapping[str, Any], source: str) -> dict[str, Any]:

@@ -5,6 +5,10 @@ DistributedDataParallel: the sandwich rule runs several forward/backward passes 
 the slimming head is unused in Stage I, and DDP's per-forward broadcast of rank 0's buffers
 would overwrite the per-width BatchNorm statistics. One flattened all-reduce per step is
 what DDP with ``no_sync`` would do, with fewer collectives.
+
+Every collective runs on :attr:`DistContext.device`: a GPU run's process group may be
+NCCL alone, and NCCL has no CPU collectives, so tensors that live elsewhere (evaluation
+counters are built on the CPU) travel to the device for the collective and back.
 """
 
 from __future__ import annotations
@@ -61,15 +65,19 @@ class DistContext:
         tensors = [t for t in tensors if t is not None]
         if not self.distributed or not tensors:
             return
-        flat = torch.cat([t.reshape(-1).to(torch.float64) for t in tensors])
-        tdist.all_reduce(flat)
-        if average:
-            flat /= self.world_size
-        offset = 0
-        for t in tensors:
-            n = t.numel()
-            t.copy_(flat[offset:offset + n].view_as(t).to(t.dtype))
-            offset += n
+        with torch.no_grad():
+            # float64 keeps counts exact to 2**53 (float32: 2**24); gloo and NCCL both
+            # reduce it, and NCCL only sees tensors on the device.
+            flat = torch.cat([t.detach().reshape(-1).to(self.device, torch.float64)
+                              for t in tensors])
+            tdist.all_reduce(flat)
+            if average:
+                flat /= self.world_size
+            offset = 0
+            for t in tensors:
+                n = t.numel()
+                t.copy_(flat[offset:offset + n].view_as(t))  # back to t's device and dtype
+                offset += n
 
     def broadcast_(self, tensors: Iterable[torch.Tensor]) -> None:
         """Copy rank 0's values into every rank's tensors (start from identical weights).
@@ -77,14 +85,25 @@ class DistContext:
         Outside autograd (a parameter would otherwise carry an autograd-less c10d op into
         its next backward, with a warning). c10d writes behind autograd's back, so each
         tensor's version counter is bumped as an in-place op would: caches keyed on it
-        (:class:`dsnet.layers.SliceCache`) see the new values.
+        (:class:`dsnet.layers.SliceCache`) see the new values. A tensor off the device is
+        broadcast through a copy on it.
         """
         if not self.distributed:
             return
         with torch.no_grad():
             for t in tensors:
-                tdist.broadcast(t.detach(), src=0)
-                increment_version(t)
+                if self.on_device(t):
+                    tdist.broadcast(t.detach(), src=0)
+                    increment_version(t)
+                else:
+                    buf = t.detach().to(self.device)
+                    tdist.broadcast(buf, src=0)
+                    t.copy_(buf)  # an in-place op: bumps the version itself
+
+    def on_device(self, t: torch.Tensor) -> bool:
+        """Whether ``t`` lives on this process's device (any index when it names none)."""
+        d = self.device
+        return t.device.type == d.type and (d.index is None or t.device.index == d.index)
 
     def average_gradients(self, params: Iterable[torch.nn.Parameter]) -> None:
         """Average ``.grad`` of the given parameters across ranks."""

@@ -33,6 +33,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +49,7 @@ from ray.train import (
     RunConfig,
     ScalingConfig,
 )
-from ray.train.torch import TorchTrainer
+from ray.train.torch import TorchConfig, TorchTrainer
 
 from dsnet.checkpoint import CheckpointError, file_sha256, first_readable, rotation_candidates
 from dsnet.config import RayConfig, StageConfig, config_to_dict, stage_config_from_dict
@@ -94,12 +95,24 @@ class RayReportHook(Hook):
         with tempfile.TemporaryDirectory(prefix="dsnet-ckpt-") as tmp:
             save(Path(tmp) / CKPT_FILE)
             # Uploads synchronously to the run's storage before returning.
-            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
+            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp),
+                             checkpoint_dir_name=checkpoint_dir_name(report.epoch))
 
     def on_log(self, line: str) -> None:
         if self.rank == 0:
             sys.stdout.write(line + "\n")
             sys.stdout.flush()
+
+
+def checkpoint_dir_name(epoch: int) -> str:
+    """The run folder's name for the checkpoint after ``epoch`` (0-based):
+    ``checkpoint_epoch<N>_<local time to the microsecond>``, N the epochs done.
+
+    The time keeps names unique when an epoch runs again (a restarted worker group, a
+    fallback past a damaged checkpoint): Ray deletes a folder when it drops the registered
+    entry pointing at it, so a reused name would lose the new checkpoint with the old one.
+    """
+    return f"checkpoint_epoch{epoch + 1:03d}_{datetime.now():%Y-%m-%d_%H-%M-%S.%f}"
 
 
 class FaultHook(Hook):
@@ -157,13 +170,10 @@ def reports_collected_barrier(timeout_s: float = 60.0) -> None:
     dies before the controller's next poll (or while rank 0 still uploads) loses the
     epoch's checkpoint, and the restarted group repeats that epoch.
     """
-    # Ray's internals (no public API for this); used by fault injection only.
-    from ray.train.v2._internal.execution.context import get_train_context
-
-    queue = get_train_context().get_result_queue()
-    deadline = time.monotonic() + timeout_s
-    while queue.unfinished_tasks and time.monotonic() < deadline:
-        time.sleep(0.02)
+    # COMMITTED: blocks until the controller has registered every report this rank made
+    # (no validation to wait for); on timeout it returns anyway, as the old poll did.
+    ray.train.get_all_reported_checkpoints(
+        consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED, timeout_s=timeout_s)
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
 
@@ -216,16 +226,29 @@ def pick_resume_checkpoint(candidates: Sequence[Path], stage: str,
     return path, corrupt
 
 
-def ray_resume_candidates(latest: Path) -> list[Path]:
-    """``latest`` (the reported checkpoint's file), then older ones of its run, newest first.
+def ray_resume_candidates(latest: Path, reported: Sequence[Path]) -> list[Path]:
+    """``latest`` (the file of the checkpoint Ray resumes with), then the files of the
+    run's checkpoints registered before it that are still there, newest first.
 
-    Ray Train keeps ``num_to_keep`` folders ``checkpoint_<timestamp>`` in the run folder, so
-    names sort by age. Newer folders than ``latest`` are left out: Ray never registered them
-    (an upload cut short by a crash).
+    Args:
+        latest: from ``ray.train.get_checkpoint()``.
+        reported: the run's registered checkpoint files, oldest first
+            (:func:`reported_checkpoint_files`). A folder Ray never registered (an upload
+            cut short by a crash) is not among them, so it is never resumed from.
     """
-    older = [d / CKPT_FILE for d in latest.parent.parent.glob("checkpoint_*")
-             if d.name < latest.parent.name and (d / CKPT_FILE).is_file()]
-    return [latest, *sorted(older, reverse=True)]
+    older = list(reported)
+    if latest in older:  # newer entries cannot exist: latest is Ray's newest
+        older = older[:older.index(latest)]
+    return [latest, *(p for p in reversed(older) if p != latest and p.is_file())]
+
+
+def reported_checkpoint_files() -> list[Path]:
+    """This Train run's registered checkpoint files, oldest first (no score attribute in
+    ``CheckpointConfig``: report order). Ray keeps the list with the run, so it covers
+    earlier worker groups and earlier fits of the same run folder."""
+    reported = ray.train.get_all_reported_checkpoints(
+        consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
+    return [Path(r.checkpoint.path) / CKPT_FILE for r in reported]
 
 
 # ----------------------------------------------------------------------------- workers
@@ -255,23 +278,27 @@ def _latest_checkpoint(stage: str, log: Callable[[str], None] | None, distrust: 
         return
     with ckpt.as_directory() as folder:  # no copy on local storage
         latest = Path(folder) / CKPT_FILE
-        # Older checkpoints can be listed only where the run folder is a local (or mounted)
-        # one; a download from cloud storage is a lone temporary folder.
+        # Older checkpoints are read in place only where the run folder is a local (or
+        # mounted) one; a download from cloud storage is a lone temporary folder.
         local = Path(folder) == Path(ckpt.path)
-        yield pick_resume_checkpoint(ray_resume_candidates(latest) if local else [latest],
-                                     stage, log, distrust)
+        candidates = ray_resume_candidates(latest, reported_checkpoint_files()) if local \
+            else [latest]
+        yield pick_resume_checkpoint(candidates, stage, log, distrust)
 
 
 def quiet_report_log() -> None:
     """Silence Ray Train V2's INFO line per ``report()`` ("Reporting training result ...",
     a full metrics dict per rank and epoch) in this worker: our hook prints one progress
-    line per epoch. Its logger is named after its file path, so ``LoggingConfig`` misses it.
+    line per epoch.
+
+    Its logger is named after its source file, which no public API names, and
+    ``LoggingConfig`` only filters ``ray.train.*`` loggers: so every logger named after a
+    file of the Ray package (2.60: that one and Train's collectives) goes to WARNING.
     """
-    try:
-        from ray.train.v2._internal.execution import context
-    except ImportError:  # another Ray layout: nothing to silence, or not this way
-        return
-    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+    ray_dir = os.path.dirname(ray.__file__) + os.sep
+    for name in list(logging.root.manager.loggerDict):
+        if name.startswith(ray_dir):
+            logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
@@ -309,7 +336,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
 
 
 def scaling_config(ray_cfg: RayConfig) -> ScalingConfig:
-    """Workers and their resources; Ray picks gloo on CPU and NCCL with GPUs."""
+    """Workers and their resources (the process group's backend: :func:`torch_config`)."""
     resources = {"CPU": ray_cfg.cpus_per_worker}
     if ray_cfg.use_gpu:
         resources["GPU"] = worker_gpus(ray_cfg)
@@ -317,12 +344,21 @@ def scaling_config(ray_cfg: RayConfig) -> ScalingConfig:
                          resources_per_worker=resources)
 
 
+def torch_config(ray_cfg: RayConfig) -> TorchConfig:
+    """The process group: gloo on CPU; with GPUs NCCL for CUDA tensors *and* gloo for CPU
+    ones. Ray's default there is NCCL alone, which has no CPU collectives, so one CPU
+    tensor handed to a collective would kill the run."""
+    return TorchConfig(backend="cpu:gloo,cuda:nccl" if ray_cfg.use_gpu else "gloo")
+
+
 def fit_stage(cfg: StageConfig, ray_cfg: RayConfig, run_dir: str, init_from: str | None,
               fault: dict[str, Any] | None = None,
-              distrust: Sequence[str] = ()) -> dict[str, Any]:
+              distrust: Sequence[str] = (),
+              callbacks: Sequence[ray.train.UserCallback] = ()) -> dict[str, Any]:
     """Fit one stage with a TorchTrainer whose run folder is ``<run_dir>/<stage>``.
 
     A folder that already holds checkpoints of this stage is resumed from the latest.
+    ``callbacks`` go to ``RunConfig(callbacks=...)`` (the sweep forwards reports to Tune).
 
     Returns:
         ``checkpoint`` (the final checkpoint file) and ``result`` (rank 0's return value).
@@ -336,12 +372,14 @@ def fit_stage(cfg: StageConfig, ray_cfg: RayConfig, run_dir: str, init_from: str
         train_loop_config={"stage_config": config_to_dict(cfg), "init_from": init_from,
                            "fault": fault, "distrust": list(distrust)},
         scaling_config=scaling_config(ray_cfg),
+        torch_config=torch_config(ray_cfg),
         run_config=RunConfig(
             name=cfg.stage, storage_path=run_dir,
             failure_config=FailureConfig(max_failures=ray_cfg.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=ray_cfg.num_to_keep),
             # Ray Train's per-report INFO lines would drown the one progress line per epoch.
-            logging_config=LoggingConfig(log_level="WARNING")))
+            logging_config=LoggingConfig(log_level="WARNING"),
+            callbacks=list(callbacks)))
     started = time.time()
     result = trainer.fit()
     if result.checkpoint is None:

@@ -58,7 +58,6 @@ import hashlib
 import itertools
 import json
 import math
-import os
 import re
 import shlex
 import sys
@@ -68,6 +67,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import ray.train
 
 from dsnet.config import (
     STAGES,
@@ -113,10 +114,6 @@ DEFAULT_SWEEP = REPO_ROOT / "configs" / "sweep_default.yml"
 PROG = "python -m pipelines.sweep"
 SUPERNET_STAGES = ("supernet", "reset_bn")  # space keys of these define the shared supernet
 OBJECTIVES = {"top1": "max", "madds": "min"}  # the multi-objective search's targets
-# Train V2 builds callbacks named here in the process that constructs the TorchTrainer
-# (the trial), which is how a trial adds its report callback to fit_stage's trainer.
-TRAIN_CALLBACKS_ENV = "RAY_TRAIN_CALLBACKS"
-_SCORE_ENV = "DSNET_SWEEP_SCORE"  # "madds_weight,madds_unit" for SweepReportCallback
 
 
 # ----------------------------------------------------------------------------- plan
@@ -285,61 +282,31 @@ def combined_score(top1: float, madds: float, madds_weight: float, madds_unit: f
     return top1 - madds_weight * madds / madds_unit
 
 
-try:  # Train V2's interface of the callbacks it builds from RAY_TRAIN_CALLBACKS
-    from ray.train.v2._internal.execution.callback import ReportCallback
-except ImportError:  # pragma: no cover - another Ray version: no per-epoch reports
-    ReportCallback = object  # type: ignore[misc,assignment]
-
-
-class SweepReportCallback(ReportCallback):  # type: ignore[misc,valid-type]
+class SweepReportCallback(ray.train.UserCallback):
     """Forwards every Train report (one per epoch) to Tune, adding the combined ``score``.
 
-    ``fit_stage`` builds its ``RunConfig`` itself, so this reaches the trial's trainer
-    through ``RAY_TRAIN_CALLBACKS``: Train constructs it (without arguments) in the trial
-    process, where Tune's own forwarder can be made; the score's weights come from
-    ``DSNET_SWEEP_SCORE``. Train calls such callbacks with its internal ``after_report``
-    signature, hence this adapter around :class:`TuneReportCallback`.
+    Passed to the trial's TorchTrainer through ``RunConfig(callbacks=...)``; Train pickles
+    it to its controller and calls :meth:`after_report` there. Made in the trial process:
+    Tune's :class:`TuneReportCallback` must be created inside a Tune session.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, madds_weight: float, madds_unit: float) -> None:
         from ray.tune.integration.ray_train import TuneReportCallback
 
         self.forward = TuneReportCallback()
-        weight, unit = os.environ.get(_SCORE_ENV, "0,1e6").split(",")
-        self.madds_weight, self.madds_unit = float(weight), float(unit)
+        self.madds_weight, self.madds_unit = madds_weight, madds_unit
 
-    def after_report(self, training_report: Any, metrics: list[dict[str, Any]]) -> None:
+    def after_report(self, run_context: Any, metrics: list[dict[str, Any]],
+                     checkpoint: ray.train.Checkpoint | None) -> None:
         """Called on the Train controller once all workers reported an epoch."""
-        scored = []
-        for m in metrics:
-            m = dict(m)
-            if "top1" in m and "madds" in m:
-                m["score"] = combined_score(m["top1"], m["madds"], self.madds_weight,
-                                            self.madds_unit)
-            scored.append(m)
-        self.forward.after_report(None, scored, training_report.checkpoint)
+        self.forward.after_report(run_context, [self._scored(m) for m in metrics], checkpoint)
 
-
-class _TrainCallbackEnv:
-    """Sets ``RAY_TRAIN_CALLBACKS`` (and the score weights) while a trial builds its
-    TorchTrainer, restoring the old values after."""
-
-    def __init__(self, madds_weight: float, madds_unit: float) -> None:
-        self.values = {TRAIN_CALLBACKS_ENV: "pipelines.sweep.SweepReportCallback",
-                       _SCORE_ENV: f"{madds_weight!r},{madds_unit!r}"}
-        self.saved: dict[str, str | None] = {}
-
-    def __enter__(self) -> None:
-        for k, v in self.values.items():
-            self.saved[k] = os.environ.get(k)
-            os.environ[k] = v
-
-    def __exit__(self, *exc: object) -> None:
-        for k, v in self.saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    def _scored(self, metrics: Mapping[str, Any]) -> dict[str, Any]:
+        out = dict(metrics)
+        if "top1" in out and "madds" in out:
+            out["score"] = combined_score(out["top1"], out["madds"], self.madds_weight,
+                                          self.madds_unit)
+        return out
 
 
 def trial_gate_config(gate: Mapping[str, Any], values: Mapping[str, Any]) -> StageConfig:
@@ -375,8 +342,9 @@ def gate_trial(config: dict[str, Any], setup: dict[str, Any]) -> None:
     try:
         cfg = trial_gate_config(setup["gate"], values)
         ray_cfg = ray_config_from_dict(setup["ray"])
-        with _TrainCallbackEnv(setup["madds_weight"], cfg.madds_unit):
-            out = fit_stage(cfg, ray_cfg, str(run_dir), setup["supernets"][sid])
+        forward = SweepReportCallback(setup["madds_weight"], cfg.madds_unit)
+        out = fit_stage(cfg, ray_cfg, str(run_dir), setup["supernets"][sid],
+                        callbacks=[forward])
     except Exception as e:
         record.update(status="error", error=f"{type(e).__name__}: {error_summary(e)}",
                       wall_s=round(time.perf_counter() - t0, 3))

@@ -36,6 +36,7 @@ synthetic_size: 64
 img_size: 16
 model: ds_mbnet_small
 workers: 0
+cooldown_epochs: 0
 aa: ''
 reprob: 0.0
 color_jitter: 0.0

@@ -144,6 +144,7 @@ def test_optimizer_is_timms_nesterov_sgd_and_adamw():
     ({"stage": "gate", "slim_train": False}, "supernet training only"),
     ({"stage": "reset_bn", "dist_bn": "broadcast"}, "averages"),
     ({"cutmix_minmax": [0.8, 0.2]}, "cutmix_minmax"),
+    ({"mixup": 0.2, "batch_size": 15}, "batch_size must be even"),
     ({"amp_dtype": "fp8"}, "amp_dtype"),
     ({"estimator": "mixed"}, "estimator"),
     ({"train_interpolation": "lanczos"}, "train_interpolation"),
@@ -313,3 +314,17 @@ def test_amp_bf16_on_cpu_trains_and_evaluates_in_bfloat16(monkeypatch):
     assert math.isfinite(metrics["loss"])
     assert seen and set(seen) == {torch.bfloat16}
     assert all(p.dtype == torch.float32 for p in runner.model.parameters())
+
+
+@pytest.mark.parametrize("estimator", ["tails", "masked"])
+@pytest.mark.parametrize("sgs_on_probs", [False, True])
+def test_gate_estimators_train_only_the_slimming_head(estimator, sgs_on_probs):
+    model = small_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    cfg = stage_cfg("gate", estimator=estimator, sgs_on_probs=sgs_on_probs, lr=0.5,
+                    complexity_weight=0.5, weight_decay=0.0)
+    runner = make_runner(cfg, model, toy_bundle(32), DistContext(), None)
+    metrics = runner.train_epoch(0)
+    assert math.isfinite(metrics["loss"]) and math.isfinite(metrics["sgs_loss"])
+    changed = [k for k, v in model.state_dict().items() if not torch.equal(before[k], v)]
+    assert changed == ["blocks.3.first_block.gate.gate.0.weight"]

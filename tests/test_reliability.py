@@ -138,15 +138,12 @@ def test_rotate_save_keeps_the_previous_epoch(tmp_path: Path) -> None:
 def test_ray_resume_skips_an_unreadable_latest_checkpoint(
         tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """Ray's run folder: the reported latest is truncated -> the newest older readable one,
-    with a warning; a newer folder Ray never registered is not considered."""
+    with a warning; a folder Ray never registered is not considered."""
     run = tmp_path / "supernet"
-    stamps = ["2026-01-01_00-00-01.000001", "2026-01-01_00-00-02.000001",
-              "2026-01-01_00-00-03.000001", "2026-01-01_00-00-04.000001"]
-    files = [_fake_ckpt(run / f"checkpoint_{s}" / "checkpoint.pt", i)
-             for i, s in enumerate(stamps)]
+    files = [_fake_ckpt(run / f"ckpt_{i}" / "checkpoint.pt", i) for i in range(4)]
     latest = files[2]  # what ray.train.get_checkpoint() returned; files[3] is unregistered
     _truncate(latest)
-    candidates = ray_resume_candidates(latest)
+    candidates = ray_resume_candidates(latest, files[:3])  # Ray's registered list
     assert candidates == [latest, files[1], files[0]]
     chosen, corrupt = pick_resume_checkpoint(candidates, "supernet")
     assert chosen == files[1]
