@@ -47,6 +47,7 @@ from pipelines.runtime import (
     RaySession,
     ResourceError,
     attaching,
+    autoscaling_from_env,
     check_local_cpus,
     check_local_gpu,
     check_output_dir,
@@ -72,11 +73,18 @@ class CommandParser(argparse.ArgumentParser):
 
 @dataclass
 class Plan:
-    """What a command will run: the stages in order, Ray settings, and where."""
+    """What a command will run: the stages in order, Ray settings, and where.
+
+    ``autoscaling``: the cluster's autoscaler can add nodes (``--autoscaling`` or
+    ``DSNET_AUTOSCALING=1``), so a shortfall warns instead of failing. A flag, not a
+    ``ray:`` key, because Ray has no public API to detect an autoscaler and
+    :class:`RayConfig` is the library's.
+    """
 
     stages: dict[str, StageConfig]
     ray: RayConfig
     run_dir: Path
+    autoscaling: bool = False
 
 
 # ----------------------------------------------------------------------------- parsers
@@ -89,6 +97,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-workers", type=int, metavar="N",
                    help="Ray Train workers per stage (0 = in-process, no Ray)")
     p.add_argument("--use-gpu", action="store_true", help="one GPU per worker (NCCL)")
+    p.add_argument("--autoscaling", action="store_true",
+                   help="the cluster's autoscaler can add nodes: warn, not fail, when it is "
+                        "too small now (also DSNET_AUTOSCALING=1)")
     p.add_argument("--set", dest="overrides", action="append", default=[],
                    metavar="KEY=VALUE", help="override a config key (repeatable)")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -128,6 +139,11 @@ def _ray_from_flags(ray_cfg: RayConfig, args: argparse.Namespace) -> RayConfig:
     return validate_ray(ray_cfg)
 
 
+def _autoscaling(args: argparse.Namespace) -> bool:
+    """``--autoscaling``, or ``DSNET_AUTOSCALING`` for jobs whose command line is fixed."""
+    return bool(args.autoscaling) or autoscaling_from_env()
+
+
 def _absolute_paths(stages: dict[str, StageConfig]) -> dict[str, StageConfig]:
     """Make existing relative ``data``/``resume`` paths absolute: Ray Train workers run in
     a session folder of their own, not in the driver's working directory."""
@@ -147,7 +163,8 @@ def plan_full(args: argparse.Namespace) -> Plan:
             stage.data = args.data
     name = args.name or cfg.name or time.strftime("%Y%m%d-%H%M%S")
     run_dir = Path(args.output or cfg.output) / name
-    return Plan(_absolute_paths(dict(cfg.stages)), _ray_from_flags(cfg.ray, args), run_dir)
+    return Plan(_absolute_paths(dict(cfg.stages)), _ray_from_flags(cfg.ray, args), run_dir,
+                _autoscaling(args))
 
 
 def _split_ray_overrides(items: Sequence[str]) -> tuple[list[str], RayConfig]:
@@ -175,7 +192,8 @@ def plan_single(stage: str, args: argparse.Namespace) -> Plan:
         cfg.resume = args.resume
     name = args.name or f"{stage}-{time.strftime('%Y%m%d-%H%M%S')}"
     run_dir = Path(args.output or "results") / name
-    return Plan(_absolute_paths({stage: cfg}), _ray_from_flags(ray_cfg, args), run_dir)
+    return Plan(_absolute_paths({stage: cfg}), _ray_from_flags(ray_cfg, args), run_dir,
+                _autoscaling(args))
 
 
 def check_inputs(plan: Plan) -> None:
@@ -199,7 +217,7 @@ def check_inputs(plan: Plan) -> None:
         if local or cfg.dataset not in _FOLDER_DATASETS:  # else the folder is the cluster's
             check_data(cfg)
     check_models(plan.stages)
-    check_local_cpus(plan.ray, address)
+    check_local_cpus(plan.ray, address, plan.stages)
     check_local_gpu(plan.ray, address)
     check_output_dir(plan.run_dir, plan.ray.min_free_mb)
 
@@ -259,7 +277,7 @@ def execute(plan: Plan, command: Sequence[str], log: Callable[[str], None] = pri
     """Run the plan's stages in its run folder, write ``results/`` and print a summary."""
     record = RunRecord.open(plan.run_dir, plan.stages, plan.ray, command)
     log(f"run folder: {record.run_dir}")
-    with RaySession(plan.ray) as session:
+    with RaySession(plan.ray, stages=plan.stages, autoscaling=plan.autoscaling) as session:
         last = run_stages(record, plan.stages, plan.ray, session, log)
     if "gate" in plan.stages:
         _write_results(record, last, plan.stages["gate"])

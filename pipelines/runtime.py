@@ -2,26 +2,44 @@
 
 A resource request that can never be met does not fail in Ray Train: the worker group's
 start-up times out and is retried forever, which looks like a hang. :func:`check_resources`
-compares the request with the cluster's total resources first and fails with a message.
+compares the request with the cluster's resources first and fails with a message.
+
+A cluster whose autoscaler can add nodes is the exception: there the request may fit once
+the nodes come. Ray 2.60 has no public API that says whether an autoscaler runs (Train and
+Tune read Ray-internal state or a cluster-launcher file), so the user says so:
+``--autoscaling`` or ``DSNET_AUTOSCALING=1`` turns the refusal into a warning.
+
+Each worker reserves ``max(ray.cpus_per_worker, 1 + workers)`` CPUs (:func:`worker_cpus`):
+its training process plus one CPU per DataLoader process of the stage.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import shutil
 import signal
+import socket
+import sys
 import tempfile
 import threading
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import ray
 
-from dsnet.config import RayConfig
+from dsnet.config import RayConfig, StageConfig
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 HEALTH_CHECK_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
+AUTOSCALING_ENV = "DSNET_AUTOSCALING"
+PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
+_LOCALHOST = "127.0.0.1"
+_AUTH_NOTICE = "Token authentication is enabled for this Ray cluster"
 _EPS = 1e-9
+_TRUE = ("1", "true", "yes", "on")
 
 
 class ResourceError(RuntimeError):
@@ -56,11 +74,72 @@ def init_ray(address: str | None = None, ray_cfg: RayConfig | None = None) -> bo
         # Attaching: the cluster owns the CPU count; passing num_cpus here raises.
         ray.init(address=address, log_to_driver=True)
         return True
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    # Workers inherit this process's environment (PYTHONPATH, the health-check interval)
-    # and get its working directory on sys.path, so they import the same dsnet/pipelines.
-    ray.init(address="local", num_cpus=os.cpu_count(), log_to_driver=True)
+    # Workers inherit this process's environment (PYTHONPATH, the health-check interval,
+    # the settings below) and get its working directory on sys.path, so they import the
+    # same dsnet/pipelines.
+    port = _free_port()
+    os.environ.update(local_ray_env(port))
+    with _quiet_auth_notice():
+        ray.init(address="local", num_cpus=os.cpu_count(), log_to_driver=True,
+                 dashboard_host=_LOCALHOST, dashboard_port=port)
     return True
+
+
+def local_ray_env(dashboard_port: int) -> dict[str, str]:
+    """Environment for a Ray this command starts on this machine (never an attached
+    cluster's), each a public Ray setting; a value the user set wins, except the State
+    API address, which must be this Ray's.
+
+    * ``RAY_TRAIN_ENABLE_PREEMPTION_WATCHER=0``: the watcher polls for nodes being
+      drained (spot preemption) and is created with restarts and its arguments in the
+      object store, which Ray logs as an error at every stage start; one machine has no
+      other node to drain, so it has nothing to watch.
+    * ``RAY_API_SERVER_ADDRESS``: Train's placement-group cleaner (and Tune) look the
+      cluster up through the State API; without an address they search the machine and
+      fail ("Found multiple active Ray instances", a traceback per stage), or pick
+      another user's cluster, when a second Ray runs here.
+
+    ``RAY_AUTH_MODE`` is left alone: Ray turns token authentication on for a new local
+    cluster, and setting the mode after ``import ray`` desynchronises this process from
+    the Ray it starts (measured: the GCS refuses the driver).
+    """
+    return {
+        "RAY_USAGE_STATS_ENABLED": os.environ.get("RAY_USAGE_STATS_ENABLED", "0"),
+        PREEMPTION_WATCHER_ENV: os.environ.get(PREEMPTION_WATCHER_ENV, "0"),
+        "RAY_API_SERVER_ADDRESS": f"http://{_LOCALHOST}:{dashboard_port}",
+    }
+
+
+class _DropAuthNotice(logging.Filter):
+    """Drops Ray's "Token authentication is enabled for this Ray cluster" notice."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(_AUTH_NOTICE)
+
+
+@contextlib.contextmanager
+def _quiet_auth_notice() -> Iterator[None]:
+    """While a local Ray starts, hide the notice that Ray enabled token authentication
+    (it stays enabled; the notice only says how to turn it off). A filter on the public
+    ``ray`` logger's handlers, not a lower level: Ray's other start-up warnings (a small
+    /dev/shm, ports) still show. Removed again, so an attached cluster's notices show."""
+    handlers = list(logging.getLogger("ray").handlers)
+    notice = _DropAuthNotice()
+    for handler in handlers:
+        handler.addFilter(notice)
+    try:
+        yield
+    finally:
+        for handler in handlers:
+            handler.removeFilter(notice)
+
+
+def _free_port() -> int:
+    """A TCP port free now on this machine, for the dashboard (and so the State API
+    address is known before Ray starts)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((_LOCALHOST, 0))
+        return int(sock.getsockname()[1])
 
 
 def worker_gpus(ray_cfg: RayConfig) -> float:
@@ -70,40 +149,114 @@ def worker_gpus(ray_cfg: RayConfig) -> float:
     return ray_cfg.gpus_per_worker or 1.0
 
 
-def check_resources(ray_cfg: RayConfig) -> None:
-    """Raise :class:`ResourceError` if the cluster can never hold the stage's workers.
+def worker_cpus(ray_cfg: RayConfig, loaders: int = 0) -> float:
+    """CPUs each worker of a stage with ``loaders`` DataLoader processes reserves.
 
-    Compares ``num_workers`` x per-worker CPUs (and GPUs with ``use_gpu``) with the
-    cluster's total resources; Ray itself would wait forever.
+    ``max(cpus_per_worker, 1 + loaders)``: one for the training process and one per loader
+    process. A smaller bundle would let Ray pack more work on a node than it has cores
+    (the ImageNet stages run 10 loaders per worker), and the stage crawls.
     """
+    return max(ray_cfg.cpus_per_worker, 1.0 + loaders)
+
+
+def cpu_request(ray_cfg: RayConfig, stages: Mapping[str, StageConfig] | None = None
+                ) -> tuple[float, str, str]:
+    """The largest per-worker CPU bundle over ``stages`` (they run one after another, so
+    the largest is what the cluster must hold), why it is that large, and what lowers it."""
+    per, why, lower = ray_cfg.cpus_per_worker, "", "ray.cpus_per_worker"
+    for name, cfg in (stages or {}).items():
+        need = worker_cpus(ray_cfg, cfg.workers)
+        if need > per + _EPS:
+            per, lower = need, f"the {name} stage's workers (DataLoader processes)"
+            why = f" (1 + {cfg.workers} DataLoader processes of the {name} stage)"
+    return per, why, lower
+
+
+def autoscaling_from_env() -> bool:
+    """Whether ``DSNET_AUTOSCALING`` says the cluster's autoscaler can add nodes."""
+    return os.environ.get(AUTOSCALING_ENV, "").strip().lower() in _TRUE
+
+
+def cluster_nodes() -> list[dict[str, float]]:
+    """The resources of each alive node (``ray.nodes()``); tests replace this function."""
+    return [dict(n.get("Resources") or {}) for n in ray.nodes() if n.get("Alive")]
+
+
+def resource_shortfalls(ray_cfg: RayConfig, nodes: list[dict[str, float]],
+                        stages: Mapping[str, StageConfig] | None = None) -> list[str]:
+    """What the ``nodes`` can never give the stages' workers, one sentence each (empty:
+    it fits). Checks the totals and that one worker's bundle fits on some node: Ray
+    places a bundle on a single node, so 8 x 11 CPUs over 8-CPU nodes never starts."""
     n = ray_cfg.num_workers
     if n == 0:
-        return
-    total = ray.cluster_resources()
-    _check_cpus(ray_cfg, total.get("CPU", 0.0), "the cluster has")
-    gpus = n * worker_gpus(ray_cfg)
-    have_gpu = total.get("GPU", 0.0)
+        return []
+    out = []
+    per = cpu_request(ray_cfg, stages)[0]
+    largest = max((x.get("CPU", 0.0) for x in nodes), default=0.0)
+    cpu = _cpu_shortfall(ray_cfg, sum(x.get("CPU", 0.0) for x in nodes), "the cluster has",
+                         stages)
+    if cpu:
+        out.append(cpu)
+    elif per > largest + _EPS:
+        out.append(f"one worker needs {per:g} CPUs but the largest node has {largest:g}; "
+                   "lower ray.cpus_per_worker or the stages' workers (DataLoader processes)")
+    gpus, have_gpu = n * worker_gpus(ray_cfg), sum(x.get("GPU", 0.0) for x in nodes)
     if gpus > have_gpu + _EPS:
-        raise ResourceError(
-            f"needs {gpus:g} GPUs for {n} workers x {worker_gpus(ray_cfg):g} GPU but the "
-            f"cluster has {have_gpu:g}; drop --use-gpu or lower --num-workers or "
-            f"ray.gpus_per_worker")
+        out.append(f"needs {gpus:g} GPUs for {n} workers x {worker_gpus(ray_cfg):g} GPU but "
+                   f"the cluster has {have_gpu:g}; drop --use-gpu or lower --num-workers or "
+                   "ray.gpus_per_worker")
+    return out
 
 
-def _check_cpus(ray_cfg: RayConfig, have: float, where: str) -> None:
-    cpus = ray_cfg.num_workers * ray_cfg.cpus_per_worker
-    if cpus > have + _EPS:
-        raise ResourceError(
-            f"needs {cpus:g} CPUs for {ray_cfg.num_workers} workers x "
-            f"{ray_cfg.cpus_per_worker:g} CPU but {where} {have:g}; lower --num-workers or "
-            "ray.cpus_per_worker")
+def check_resources(ray_cfg: RayConfig, stages: Mapping[str, StageConfig] | None = None,
+                    autoscaling: bool | None = None) -> None:
+    """Raise :class:`ResourceError` if the cluster can never hold the stages' workers.
+
+    Compares ``num_workers`` x per-worker CPUs (:func:`cpu_request`; GPUs with
+    ``use_gpu``) with the alive nodes' resources; Ray itself would wait forever.
+
+    Args:
+        stages: the stages to run, for their DataLoader processes; None counts
+            ``cpus_per_worker`` alone.
+        autoscaling: the cluster's autoscaler can add nodes, so a shortfall is printed as
+            a warning and the stage waits for them; None reads ``DSNET_AUTOSCALING``.
+    """
+    problems = resource_shortfalls(ray_cfg, cluster_nodes(), stages)
+    if not problems:
+        return
+    if autoscaling is None:
+        autoscaling = autoscaling_from_env()
+    if autoscaling:
+        for problem in problems:
+            print(f"warning: {problem}; starting anyway: the autoscaler may add nodes "
+                  "(--autoscaling / DSNET_AUTOSCALING) and the stage waits until they join",
+                  file=sys.stderr, flush=True)
+        return
+    raise ResourceError(f"{problems[0]} (if the cluster's autoscaler can add nodes, pass "
+                        "--autoscaling or set DSNET_AUTOSCALING=1)")
 
 
-def check_local_cpus(ray_cfg: RayConfig, address: str | None) -> None:
+def _cpu_shortfall(ray_cfg: RayConfig, have: float, where: str,
+                   stages: Mapping[str, StageConfig] | None) -> str | None:
+    """The CPU sentence of :func:`resource_shortfalls`, or None when ``have`` is enough."""
+    per, why, lower = cpu_request(ray_cfg, stages)
+    cpus = ray_cfg.num_workers * per
+    if cpus <= have + _EPS:
+        return None
+    return (f"needs {cpus:g} CPUs for {ray_cfg.num_workers} workers x {per:g} CPU{why} but "
+            f"{where} {have:g}; lower --num-workers or {lower}")
+
+
+def check_local_cpus(ray_cfg: RayConfig, address: str | None,
+                     stages: Mapping[str, StageConfig] | None = None) -> None:
     """The CPU part of :func:`check_resources` for a Ray this command would start on this
-    machine (``num_cpus=os.cpu_count()``): found before Ray's seconds of start-up."""
+    machine (``num_cpus=os.cpu_count()``): found before Ray's seconds of start-up. No
+    autoscaler ever adds nodes to it, so a shortfall is always an error."""
     if ray_cfg.num_workers > 0 and not attaching(address):
-        _check_cpus(ray_cfg, float(os.cpu_count() or 1), "this machine has")
+        problem = _cpu_shortfall(ray_cfg, float(os.cpu_count() or 1), "this machine has",
+                                 stages)
+        if problem:
+            raise ResourceError(problem)
 
 
 def check_local_gpu(ray_cfg: RayConfig, address: str | None) -> None:
@@ -157,11 +310,20 @@ class RaySession:
     shut down at the end if this command connected it.
 
     Use as a context manager; :meth:`ensure` before submitting a stage.
+
+    Args:
+        stages: the stages it will run, so the check counts their DataLoader processes.
+        autoscaling: see :func:`check_resources`; ignored for a Ray this command starts
+            itself, which no autoscaler grows.
     """
 
-    def __init__(self, ray_cfg: RayConfig, address: str | None = None) -> None:
+    def __init__(self, ray_cfg: RayConfig, address: str | None = None,
+                 stages: Mapping[str, StageConfig] | None = None,
+                 autoscaling: bool | None = None) -> None:
         self.ray_cfg = ray_cfg
         self.address = address or ray_cfg.address
+        self.stages = stages
+        self.autoscaling = autoscaling
         self.connected = False
         self.ready = False
 
@@ -169,10 +331,11 @@ class RaySession:
         """Connect (see :func:`init_ray`) and :func:`check_resources`, once."""
         if self.ready:
             return
+        attached = attaching(self.address)
         self.connected = init_ray(self.address, self.ray_cfg)
         if self.connected:
             trap_sigterm()  # ray.init installed its own SIGTERM handler, which just exits
-        check_resources(self.ray_cfg)
+        check_resources(self.ray_cfg, self.stages, self.autoscaling if attached else False)
         self.ready = True
 
     def __enter__(self) -> RaySession:

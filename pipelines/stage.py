@@ -56,7 +56,7 @@ from dsnet.config import RayConfig, StageConfig, config_to_dict, stage_config_fr
 from dsnet.distributed import DistContext
 from dsnet.engine import CheckpointHook, ConsoleHook, EpochReport, Hook, format_report, run_stage
 from pipelines.run_record import RunRecord, checkpoint_fields
-from pipelines.runtime import RaySession, worker_gpus
+from pipelines.runtime import RaySession, worker_cpus, worker_gpus
 
 CKPT_FILE = "checkpoint.pt"
 FAULT_ENV, FAULT_MARKER_ENV = "DSNET_FAULT_AFTER_EPOCH", "DSNET_FAULT_MARKER"
@@ -335,9 +335,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
 # ----------------------------------------------------------------------------- one stage
 
 
-def scaling_config(ray_cfg: RayConfig) -> ScalingConfig:
-    """Workers and their resources (the process group's backend: :func:`torch_config`)."""
-    resources = {"CPU": ray_cfg.cpus_per_worker}
+def scaling_config(ray_cfg: RayConfig, cfg: StageConfig | None = None) -> ScalingConfig:
+    """Workers and their resources (the process group's backend: :func:`torch_config`).
+
+    Each worker's bundle holds its DataLoader processes too (:func:`worker_cpus`), so Ray
+    never packs more busy processes on a node than it has CPUs.
+    """
+    resources = {"CPU": worker_cpus(ray_cfg, cfg.workers if cfg is not None else 0)}
     if ray_cfg.use_gpu:
         resources["GPU"] = worker_gpus(ray_cfg)
     return ScalingConfig(num_workers=ray_cfg.num_workers, use_gpu=ray_cfg.use_gpu,
@@ -371,7 +375,7 @@ def fit_stage(cfg: StageConfig, ray_cfg: RayConfig, run_dir: str, init_from: str
         train_loop_per_worker,
         train_loop_config={"stage_config": config_to_dict(cfg), "init_from": init_from,
                            "fault": fault, "distrust": list(distrust)},
-        scaling_config=scaling_config(ray_cfg),
+        scaling_config=scaling_config(ray_cfg, cfg),
         torch_config=torch_config(ray_cfg),
         run_config=RunConfig(
             name=cfg.stage, storage_path=run_dir,
