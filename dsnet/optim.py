@@ -24,9 +24,6 @@ from torch import nn
 
 from dsnet.config import StageConfig
 
-# dsnet's names -> timm's (``constant`` is timm's step schedule that never decays)
-_TIMM_OPT = {"sgd": "sgd", "adamw": "adamw", "rmsprop": "rmsprop"}
-
 
 def build_optimizer(model: nn.Module, cfg: StageConfig) -> torch.optim.Optimizer:
     """timm's optimizer over ``model``'s trainable parameters (``requires_grad``).
@@ -34,7 +31,7 @@ def build_optimizer(model: nn.Module, cfg: StageConfig) -> torch.optim.Optimizer
     Weight decay skips 1-D parameters and biases when ``weight_decay > 0``, as
     ``timm.optim.param_groups_weight_decay`` (the release's ``add_weight_decay``) groups them.
     """
-    return create_optimizer_v2(model, _TIMM_OPT[cfg.opt], lr=cfg.lr,
+    return create_optimizer_v2(model, cfg.opt, lr=cfg.lr,  # dsnet's names are timm's
                                weight_decay=cfg.weight_decay, momentum=0.9,
                                filter_bias_and_bn=True)
 

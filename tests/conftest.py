@@ -1,4 +1,5 @@
-"""Shared fixtures: one local Ray for every test marked ``ray`` in the session."""
+"""Shared fixtures: one local Ray for every test marked ``ray`` in the session, and a
+one-thread torch for modules of tiny CPU models."""
 
 from __future__ import annotations
 
@@ -42,3 +43,19 @@ def ray_session() -> Iterator[object]:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """torch on one intra-op thread for the test, restored after.
+
+    Tiny models gain nothing from a second thread, and on a shared 2-core machine OpenMP's
+    spinning workers stall whenever another process holds a core (seconds per test instead
+    of milliseconds). Modules opt in with ``pytestmark = pytest.mark.usefixtures(...)``.
+    """
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

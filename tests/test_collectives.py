@@ -193,14 +193,7 @@ class RecordingDist:
                          f"(op, device, dtype): count: {dict(bad)}")
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """One intra-op thread: two OpenMP threads on a busy two-core machine ran these
-    tests 60 times slower (spinning threads waiting on each other)."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

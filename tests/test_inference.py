@@ -28,12 +28,7 @@ MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 SUBPROCESS_ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def routed_model(routing_space: tuple[int, ...] = (0, 1, 2, 3), batch: int = 16,

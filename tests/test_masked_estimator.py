@@ -15,12 +15,7 @@ from tests.test_model import randomize_bn_stats
 GREY = {"ds_mbnet_small": (1, 28, 28), "ds_mbnet_tiny": (1, 28, 28)}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def gate_model(name: str, space: tuple[int, ...] = (0, 1, 2, 3), frozen: bool = True,
