@@ -147,6 +147,16 @@ def test_optimizer_is_timms_nesterov_sgd_and_adamw():
     ({"mixup": 0.2, "batch_size": 15}, "batch_size must be even"),
     ({"amp_dtype": "fp8"}, "amp_dtype"),
     ({"estimator": "mixed"}, "estimator"),
+    ({"min_lr": -1e-5}, "'min_lr' must be >= 0"),
+    ({"cooldown_epochs": -1}, "'cooldown_epochs' must be >= 0"),
+    ({"decay_epochs": 0}, "'decay_epochs' must be > 0"),
+    ({"decay_rate": -0.1}, "'decay_rate' must be >= 0"),
+    ({"cutmix": -1.0}, "'cutmix' must be >= 0"),
+    ({"mixup_prob": 1.5}, "'mixup_prob' must be in"),
+    ({"mixup_switch_prob": -0.1}, "'mixup_switch_prob' must be in"),
+    ({"mixup_mode": "rows"}, "mixup_mode"),
+    ({"mixup_off_epoch": -1}, "'mixup_off_epoch' must be >= 0"),
+    ({"sched_on_updates": "yes"}, "'sched_on_updates': expected bool"),
     ({"train_interpolation": "lanczos"}, "train_interpolation"),
 ])
 def test_keys_dsnet_cannot_honour_are_refused(kw, match):
