@@ -38,10 +38,16 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
 
 def file_sha256(path: str | os.PathLike) -> str:
     """Hex SHA-256 of a file (recorded next to checkpoints to detect corruption)."""
-    digest = hashlib.sha256()
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
+        return stream_sha256(f)
+
+
+def stream_sha256(f: Any) -> str:
+    """Hex SHA-256 of what a binary stream (a file, a remote object) still holds, read
+    in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    for chunk in iter(lambda: f.read(1 << 20), b""):
+        digest.update(chunk)
     return digest.hexdigest()
 
 

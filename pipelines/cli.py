@@ -6,7 +6,8 @@ and set the exit code:
 
 * 2: usage or configuration (bad flag, unknown ``--set`` key, missing config file or
   input checkpoint, a resource request the cluster can never meet, an output folder
-  that cannot be written or whose disk has less than ``ray.min_free_mb`` free);
+  that cannot be written or whose disk has less than ``ray.min_free_mb`` free, remote
+  storage that this machine or a node cannot reach or write);
 * 1: a runtime failure (a stage failed: the failing workers' errors are summarised);
 * 130: interrupted (Ctrl-C or SIGTERM); the message gives the command that resumes.
 """
@@ -15,15 +16,19 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
+import posixpath
 import shlex
 import signal
 import sys
+import tempfile
 import time
 import traceback
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import pyarrow.fs as pafs
 import yaml
 
 from dsnet.checkpoint import CheckpointError, read_checkpoint
@@ -54,6 +59,7 @@ from pipelines.runtime import (
     trap_sigterm,
 )
 from pipelines.stage import StageFailed, error_summary, run_stages
+from pipelines.storage import RunStorage, StorageError
 
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "default.yml"
 # Datasets read from ``data``; the others are built in memory.
@@ -83,7 +89,7 @@ class Plan:
 
     stages: dict[str, StageConfig]
     ray: RayConfig
-    run_dir: Path
+    storage: RunStorage
     autoscaling: bool = False
 
 
@@ -91,8 +97,9 @@ class Plan:
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--output", metavar="DIR",
-                   help="parent folder of run folders (default: the config's output)")
+    p.add_argument("--output", metavar="DIR|URI",
+                   help="parent of run folders: a local folder or a URI such as "
+                        "s3://bucket/prefix (default: the config's output)")
     p.add_argument("--name", help="run folder name; re-using one resumes that run")
     p.add_argument("--num-workers", type=int, metavar="N",
                    help="Ray Train workers per stage (0 = in-process, no Ray)")
@@ -155,15 +162,16 @@ def _absolute_paths(stages: dict[str, StageConfig]) -> dict[str, StageConfig]:
     return stages
 
 
-def plan_full(args: argparse.Namespace) -> Plan:
-    """Load the pipeline config with ``--set`` and the flags applied."""
+def plan_full(args: argparse.Namespace, filesystem: pafs.FileSystem | None = None) -> Plan:
+    """Load the pipeline config with ``--set`` and the flags applied (``filesystem``: the
+    run folder's, for ``--output`` paths inside it)."""
     cfg = load_pipeline_config(args.config, args.overrides)
     if args.data is not None:
         for stage in cfg.stages.values():
             stage.data = args.data
     name = args.name or cfg.name or time.strftime("%Y%m%d-%H%M%S")
-    run_dir = Path(args.output or cfg.output) / name
-    return Plan(_absolute_paths(dict(cfg.stages)), _ray_from_flags(cfg.ray, args), run_dir,
+    storage = RunStorage.resolve(args.output or cfg.output, name, filesystem)
+    return Plan(_absolute_paths(dict(cfg.stages)), _ray_from_flags(cfg.ray, args), storage,
                 _autoscaling(args))
 
 
@@ -182,7 +190,8 @@ def _split_ray_overrides(items: Sequence[str]) -> tuple[list[str], RayConfig]:
     return stage_items, ray_config_from_dict(ray_keys, source="--set")
 
 
-def plan_single(stage: str, args: argparse.Namespace) -> Plan:
+def plan_single(stage: str, args: argparse.Namespace,
+                filesystem: pafs.FileSystem | None = None) -> Plan:
     """Load one stage's YAML (``stage`` forced), DATA_PATH and ``--resume`` applied."""
     items, ray_cfg = _split_ray_overrides(args.overrides)
     cfg = load_stage_config(args.config, items, stage=stage)
@@ -191,8 +200,8 @@ def plan_single(stage: str, args: argparse.Namespace) -> Plan:
     if args.resume is not None:
         cfg.resume = args.resume
     name = args.name or f"{stage}-{time.strftime('%Y%m%d-%H%M%S')}"
-    run_dir = Path(args.output or "results") / name
-    return Plan(_absolute_paths({stage: cfg}), _ray_from_flags(ray_cfg, args), run_dir,
+    storage = RunStorage.resolve(args.output or "results", name, filesystem)
+    return Plan(_absolute_paths({stage: cfg}), _ray_from_flags(ray_cfg, args), storage,
                 _autoscaling(args))
 
 
@@ -219,7 +228,20 @@ def check_inputs(plan: Plan) -> None:
     check_models(plan.stages)
     check_local_cpus(plan.ray, address, plan.stages)
     check_local_gpu(plan.ray, address)
-    check_output_dir(plan.run_dir, plan.ray.min_free_mb)
+    check_output(plan)
+
+
+def check_output(plan: Plan) -> None:
+    """The run folder: a local one writable with enough free space; remote storage
+    reachable and writable from here (each node is probed once Ray is up)."""
+    storage = plan.storage
+    if storage.is_local:
+        check_output_dir(Path(storage.root), plan.ray.min_free_mb)
+        return
+    if plan.ray.num_workers == 0:
+        raise UsageError(f"--output {storage}: ray.num_workers 0 runs in this process and "
+                         "writes a local folder; pass a local --output or --num-workers 1")
+    storage.check_writable()
 
 
 def check_data(cfg: StageConfig) -> None:
@@ -275,9 +297,10 @@ def check_models(stages: dict[str, StageConfig]) -> None:
 
 def execute(plan: Plan, command: Sequence[str], log: Callable[[str], None] = print) -> RunRecord:
     """Run the plan's stages in its run folder, write ``results/`` and print a summary."""
-    record = RunRecord.open(plan.run_dir, plan.stages, plan.ray, command)
-    log(f"run folder: {record.run_dir}")
-    with RaySession(plan.ray, stages=plan.stages, autoscaling=plan.autoscaling) as session:
+    record = RunRecord.open(plan.storage, plan.stages, plan.ray, command)
+    log(f"run folder: {plan.storage}")
+    with RaySession(plan.ray, stages=plan.stages, autoscaling=plan.autoscaling,
+                    storage=plan.storage) as session:
         last = run_stages(record, plan.stages, plan.ray, session, log)
     if "gate" in plan.stages:
         _write_results(record, last, plan.stages["gate"])
@@ -285,16 +308,22 @@ def execute(plan: Plan, command: Sequence[str], log: Callable[[str], None] = pri
     return record
 
 
-def _write_results(record: RunRecord, final_ckpt: Path, gate_cfg: StageConfig) -> None:
-    """``results/`` from the gate stage (again only if it re-ran or files are missing)."""
-    results = record.run_dir / "results"
+def _write_results(record: RunRecord, final_ckpt: str, gate_cfg: StageConfig) -> None:
+    """``results/`` from the gate stage (again only if it re-ran or files are missing);
+    on remote storage written here, then uploaded."""
+    storage = record.storage
+    results = storage.path("results")
     gate = record.stage("gate")
     stale = record.data.get("results_from") != gate.get("checkpoint_sha256")
-    if stale or not (results / "dsnet_final.pt").is_file():
-        write_results(results, gate.get("result") or {}, final_ckpt,
-                      validation_images(gate_cfg))
-        record.data.update(results=str(results), results_from=gate.get("checkpoint_sha256"))
-        record.save()
+    if not stale and storage.is_file(posixpath.join(results, "dsnet_final.pt")):
+        return
+    with storage.local_copy(final_ckpt) as ckpt, tempfile.TemporaryDirectory() as tmp:
+        folder = Path(results) if storage.is_local else Path(tmp) / "results"
+        write_results(folder, gate.get("result") or {}, ckpt, validation_images(gate_cfg))
+        if not storage.is_local:
+            storage.upload_dir(folder, results)
+    record.data.update(results=storage.ref(results), results_from=gate.get("checkpoint_sha256"))
+    record.save()
 
 
 def summary(record: RunRecord) -> str:
@@ -315,11 +344,11 @@ def summary(record: RunRecord) -> str:
 # ----------------------------------------------------------------------------- errors
 
 
-def _resume_command(prog: str, argv: Sequence[str], run_dir: Path | None) -> str:
+def _resume_command(prog: str, argv: Sequence[str], name: str | None) -> str:
     """The same command, with ``--name`` pinned so it continues the same run folder."""
     argv = list(argv)
-    if run_dir is not None and not any(a == "--name" or a.startswith("--name=") for a in argv):
-        argv += ["--name", run_dir.name]
+    if name is not None and not any(a == "--name" or a.startswith("--name=") for a in argv):
+        argv += ["--name", name]
     return f"{prog} {shlex.join(argv)}".strip()
 
 
@@ -345,7 +374,7 @@ def report_failure(exc: Exception, debug: bool) -> int:
     """Print a command's failure as one ``error:`` line (the traceback first with
     ``--debug``) and return its exit code: 2 for usage, config and resource errors, 1 for
     runtime failures (data, checkpoints, a failed stage, anything unexpected)."""
-    if isinstance(exc, (UsageError, ConfigError, ResourceError)):
+    if isinstance(exc, (UsageError, ConfigError, ResourceError, StorageError)):
         return _fail(str(exc), 2, exc, debug)
     if isinstance(exc, (DataError, CheckpointError, StageFailed)):
         return _fail(str(exc), 1, exc, debug)
@@ -367,23 +396,33 @@ def run_command(prog: str, argv: Sequence[str] | None,
             execute(plan, [*prog.split(), *argv])
         return 0
     except KeyboardInterrupt:
-        run_dir = plan.run_dir if plan else None
-        print(f"interrupted; resume with: {_resume_command(prog, argv, run_dir)}",
+        name = plan.storage.name if plan else None
+        print(f"interrupted; resume with: {_resume_command(prog, argv, name)}",
               file=sys.stderr, flush=True)
         return 130
     except Exception as e:  # a bad input, or a stage failed (TrainingFailedError, OOM, ...)
         return report_failure(e, debug)
 
 
-def main_single_stage(stage: str, argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``python -m pipelines.<stage>``; returns the exit code."""
+def main_single_stage(stage: str, argv: Sequence[str] | None = None,
+                      storage_filesystem: pafs.FileSystem | None = None) -> int:
+    """Entry point of ``python -m pipelines.<stage>``; returns the exit code.
+    ``storage_filesystem``: see :func:`main_full`."""
     return run_command(f"python -m pipelines.{stage}", argv,
-                       lambda args: plan_single(stage, args), stage_parser(stage))
+                       lambda args: plan_single(stage, args, storage_filesystem),
+                       stage_parser(stage))
 
 
-def main_full(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``python -m pipelines.full``; returns the exit code."""
-    return run_command("python -m pipelines.full", argv, plan_full, full_parser())
+def main_full(argv: Sequence[str] | None = None,
+              storage_filesystem: pafs.FileSystem | None = None) -> int:
+    """Entry point of ``python -m pipelines.full``; returns the exit code.
+
+    ``storage_filesystem``: a pyarrow filesystem to keep run folders on (Ray Train's
+    ``RunConfig(storage_filesystem=...)``), ``--output`` then being a path inside it.
+    """
+    return run_command("python -m pipelines.full", argv,
+                       functools.partial(plan_full, filesystem=storage_filesystem),
+                       full_parser())
 
 
 __all__ = ["CommandParser", "Plan", "UsageError", "check_data", "check_input_checkpoint",

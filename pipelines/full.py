@@ -8,7 +8,8 @@ Usage::
 The run folder ``<output>/<name>/`` holds ``run.json``, each stage's Ray Train run
 (``supernet/``, ``reset_bn/``, ``gate/``) and ``results/``. Running the same command
 again skips finished stages and resumes an interrupted one from its last checkpoint.
-``--num-workers 0`` runs every stage in this process without Ray. On a cluster::
+``--output`` may be a URI (``s3://bucket/runs``, ``gs://...``): everything then goes
+there, and every node is checked to reach it before training. ``--num-workers 0`` runs every stage in this process without Ray. On a cluster::
 
     ray job submit --address http://HEAD:8265 --working-dir . -- \\
         python -m pipelines.full -c configs/default.yml --output /shared/runs
@@ -19,12 +20,19 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
+import pyarrow.fs as pafs
+
 from pipelines.cli import main_full
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the pipeline; returns the exit code (0 ok, 1 failed, 2 usage, 130 interrupted)."""
-    return main_full(argv)
+def main(argv: Sequence[str] | None = None,
+         storage_filesystem: pafs.FileSystem | None = None) -> int:
+    """Run the pipeline; returns the exit code (0 ok, 1 failed, 2 usage, 130 interrupted).
+
+    ``storage_filesystem``: keep run folders on this pyarrow filesystem (``--output`` is
+    then a path inside it), as Ray Train's ``RunConfig(storage_filesystem=...)``.
+    """
+    return main_full(argv, storage_filesystem)
 
 
 if __name__ == "__main__":

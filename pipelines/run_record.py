@@ -23,8 +23,8 @@ import torch
 
 import dsnet
 from dsnet.atomic import atomic_write
-from dsnet.checkpoint import file_sha256
 from dsnet.config import ConfigError, RayConfig, StageConfig, config_to_dict
+from pipelines.storage import RunStorage, as_storage
 
 RUN_FILE = "run.json"
 STATUSES = ("pending", "running", "done", "failed")
@@ -51,41 +51,52 @@ def _finite(obj: Any) -> Any:
     return obj
 
 
+def json_text(data: Mapping[str, Any]) -> str:
+    """Strict JSON (NaN and infinities as null), indented."""
+    return json.dumps(_finite(data), indent=2, allow_nan=False, default=str) + "\n"
+
+
 def atomic_write_json(path: Path, data: Mapping[str, Any]) -> None:
     """Write strict JSON to a temporary file in the same folder, then rename it over ``path``."""
-    text = json.dumps(_finite(data), indent=2, allow_nan=False, default=str) + "\n"
+    text = json_text(data)
     atomic_write(path, lambda f: f.write(text))
 
 
 class RunRecord:
-    """The in-memory ``run.json`` of one run directory; every update is saved at once."""
+    """The in-memory ``run.json`` of one run folder (local or remote, see
+    :class:`pipelines.storage.RunStorage`); every update is saved at once."""
 
-    def __init__(self, run_dir: Path, data: dict[str, Any]) -> None:
-        self.run_dir = run_dir
+    def __init__(self, storage: RunStorage, data: dict[str, Any]) -> None:
+        self.storage = storage
         self.data = data
 
     @property
-    def path(self) -> Path:
-        """The ``run.json`` file."""
-        return self.run_dir / RUN_FILE
+    def run_dir(self) -> Path:
+        """The run folder as a local path (meaningful on local storage only)."""
+        return Path(self.storage.root)
+
+    @property
+    def path(self) -> str:
+        """The ``run.json`` file's ref (a path, or a URI on remote storage)."""
+        return self.storage.ref(self.storage.path(RUN_FILE))
 
     @classmethod
-    def open(cls, run_dir: Path, stages: Mapping[str, StageConfig], ray_cfg: RayConfig,
-             command: Sequence[str]) -> RunRecord:
-        """Load ``run_dir/run.json`` or start a new one; check the configs still match.
+    def open(cls, run_dir: RunStorage | Path, stages: Mapping[str, StageConfig],
+             ray_cfg: RayConfig, command: Sequence[str]) -> RunRecord:
+        """Load ``run.json`` of the run folder or start a new one; check the configs match.
 
         Raises:
             ConfigError: the run directory was made with a different stage config.
         """
-        run_dir = run_dir.resolve()
-        path = run_dir / RUN_FILE
-        if path.is_file():
-            rec = cls(run_dir, json.loads(path.read_text(encoding="utf-8")))
+        storage = as_storage(run_dir)
+        text = storage.read_text(storage.path(RUN_FILE))
+        if text is not None:
+            rec = cls(storage, json.loads(text))
             rec._check_configs(stages)
         else:
-            rec = cls(run_dir, {"name": run_dir.name, "created": _now(),
+            rec = cls(storage, {"name": storage.name, "created": _now(),
                                 "stages": {s: {"status": "pending"} for s in stages}})
-        rec.data.update(command=shlex.join(command), cwd=os.getcwd(), run_dir=str(run_dir),
+        rec.data.update(command=shlex.join(command), cwd=os.getcwd(), run_dir=str(storage),
                         versions=versions(),
                         ray=config_to_dict(ray_cfg),
                         seeds={s: cfg.seed for s, cfg in stages.items()})
@@ -103,7 +114,7 @@ class RunRecord:
             if old is None or old == new:
                 continue
             diff = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in new if old.get(k) != new[k]]
-            raise ConfigError(f"{self.run_dir} was run with another {name} config "
+            raise ConfigError(f"{self.storage} was run with another {name} config "
                               f"({'; '.join(diff[:3])}); use a new --name, or delete the folder")
 
     def stage(self, name: str) -> dict[str, Any]:
@@ -120,20 +131,20 @@ class RunRecord:
     def save(self) -> None:
         """Write ``run.json`` atomically."""
         self.data["updated"] = _now()
-        atomic_write_json(self.path, self.data)
+        self.storage.write_text(self.storage.path(RUN_FILE), json_text(self.data))
 
-    def done_checkpoint(self, name: str) -> Path | None:
-        """The stage's checkpoint if the stage is done and the file is intact, else None."""
+    def done_checkpoint(self, name: str) -> str | None:
+        """The stage's checkpoint ref if the stage is done and the file is intact, else None."""
         rec = self.stage(name)
         ckpt = rec.get("checkpoint")
-        if rec.get("status") != "done" or not ckpt or not Path(ckpt).is_file():
+        if rec.get("status") != "done" or not ckpt or not self.storage.is_file(ckpt):
             return None
-        if file_sha256(ckpt) != rec.get("checkpoint_sha256"):
+        if self.storage.sha256(ckpt) != rec.get("checkpoint_sha256"):
             return None
-        return Path(ckpt)
+        return ckpt
 
 
-def checkpoint_fields(path: Path) -> dict[str, Any]:
-    """``checkpoint``, ``checkpoint_bytes`` and ``checkpoint_sha256`` of a file."""
-    return {"checkpoint": str(path), "checkpoint_bytes": path.stat().st_size,
-            "checkpoint_sha256": file_sha256(path)}
+def checkpoint_fields(storage: RunStorage, ref: str | Path) -> dict[str, Any]:
+    """``checkpoint``, ``checkpoint_bytes`` and ``checkpoint_sha256`` of a stored file."""
+    return {"checkpoint": str(ref), "checkpoint_bytes": storage.size(ref),
+            "checkpoint_sha256": storage.sha256(ref)}

@@ -29,8 +29,10 @@ from pathlib import Path
 from typing import Any
 
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from dsnet.config import RayConfig, StageConfig
+from pipelines.storage import RunStorage, StorageError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 HEALTH_CHECK_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
@@ -305,6 +307,51 @@ def check_output_dir(run_dir: Path, min_free_mb: float) -> None:
                             "DIR on another disk, or lower it with --set ray.min_free_mb=N")
 
 
+def _probe_node(storage: RunStorage, token_path: str, token: str) -> str | None:
+    """On one node: the driver's token file is visible (the same storage) and the run
+    folder is writable; the problem as a sentence, or None."""
+    where = f"node {ray.util.get_node_ip_address()}"
+    try:
+        seen = storage.read_text(token_path)
+    except Exception as e:  # noqa: BLE001 - any filesystem error is the answer
+        return f"cannot read the run folder {storage} from {where}: {' '.join(str(e).split())}"
+    if seen != token:
+        return (f"the run folder {storage} on {where} is not the driver's (a node-local path?); "
+                "use storage every node shares: a network file system or s3://... / gs://...")
+    try:
+        storage.check_writable(where)
+    except StorageError as e:
+        return str(e)
+    return None
+
+
+_probe_task = ray.remote(num_cpus=0, max_retries=0)(_probe_node)
+
+
+def probe_storage(storage: RunStorage, timeout_s: float = 120.0) -> None:
+    """Before training: every alive node that can host a worker reaches and writes the run
+    folder, and sees the driver's files in it. Skipped for one node and a local folder (the
+    driver's own check covered that disk).
+
+    Raises:
+        StorageError: naming the first node that cannot, and why.
+    """
+    nodes = [n for n in ray.nodes() if n.get("Alive") and (n.get("Resources") or {}).get("CPU")]
+    if len(nodes) <= 1 and storage.is_local:
+        return
+    token = os.urandom(8).hex()
+    token_path = storage.path(f".dsnet-probe-{token}")
+    storage.write_text(token_path, token)
+    try:
+        refs = [_probe_task.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
+            n["NodeID"], soft=False)).remote(storage, token_path, token) for n in nodes]
+        problems = [p for p in ray.get(refs, timeout=timeout_s) if p]
+    finally:
+        storage.fs.delete_file(token_path)
+    if problems:
+        raise StorageError(problems[0])
+
+
 class RaySession:
     """Ray for one command: connected lazily (only if a stage must run on Ray), checked, and
     shut down at the end if this command connected it.
@@ -315,12 +362,14 @@ class RaySession:
         stages: the stages it will run, so the check counts their DataLoader processes.
         autoscaling: see :func:`check_resources`; ignored for a Ray this command starts
             itself, which no autoscaler grows.
+        storage: the run folder, probed from every node (:func:`probe_storage`).
     """
 
     def __init__(self, ray_cfg: RayConfig, address: str | None = None,
                  stages: Mapping[str, StageConfig] | None = None,
-                 autoscaling: bool | None = None) -> None:
+                 autoscaling: bool | None = None, storage: RunStorage | None = None) -> None:
         self.ray_cfg = ray_cfg
+        self.storage = storage
         self.address = address or ray_cfg.address
         self.stages = stages
         self.autoscaling = autoscaling
@@ -328,7 +377,8 @@ class RaySession:
         self.ready = False
 
     def ensure(self) -> None:
-        """Connect (see :func:`init_ray`) and :func:`check_resources`, once."""
+        """Connect (see :func:`init_ray`), :func:`check_resources` and (given a run
+        folder) :func:`probe_storage`, once."""
         if self.ready:
             return
         attached = attaching(self.address)
@@ -336,6 +386,8 @@ class RaySession:
         if self.connected:
             trap_sigterm()  # ray.init installed its own SIGTERM handler, which just exits
         check_resources(self.ray_cfg, self.stages, self.autoscaling if attached else False)
+        if self.storage is not None:
+            probe_storage(self.storage)
         self.ready = True
 
     def __enter__(self) -> RaySession:

@@ -28,7 +28,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import shutil
+import posixpath
 import sys
 import tempfile
 import time
@@ -51,12 +51,13 @@ from ray.train import (
 )
 from ray.train.torch import TorchConfig, TorchTrainer
 
-from dsnet.checkpoint import CheckpointError, file_sha256, first_readable, rotation_candidates
+from dsnet.checkpoint import CheckpointError, first_readable, rotation_candidates
 from dsnet.config import RayConfig, StageConfig, config_to_dict, stage_config_from_dict
 from dsnet.distributed import DistContext
 from dsnet.engine import CheckpointHook, ConsoleHook, EpochReport, Hook, format_report, run_stage
 from pipelines.run_record import RunRecord, checkpoint_fields
 from pipelines.runtime import RaySession, worker_cpus, worker_gpus
+from pipelines.storage import RunStorage, as_storage
 
 CKPT_FILE = "checkpoint.pt"
 FAULT_ENV, FAULT_MARKER_ENV = "DSNET_FAULT_AFTER_EPOCH", "DSNET_FAULT_MARKER"
@@ -268,22 +269,27 @@ def _jsonable(obj: Any) -> Any:
 
 
 @contextlib.contextmanager
-def _latest_checkpoint(stage: str, log: Callable[[str], None] | None, distrust: Collection[str]
-                       ) -> Iterator[tuple[Path | None, list[dict[str, str]]]]:
-    """The checkpoint file to resume from (a restarted or re-run fit), else None, and the
-    unreadable ones skipped (see :func:`pick_resume_checkpoint`)."""
+def _latest_checkpoint(stage: str, log: Callable[[str], None] | None, distrust: Collection[str],
+                       storage: RunStorage) -> Iterator[tuple[Path | None, str | None,
+                                                              list[dict[str, str]]]]:
+    """The checkpoint file to resume from (a restarted or re-run fit), else None; its ref
+    in ``storage``; and the unreadable ones skipped (see :func:`pick_resume_checkpoint`)."""
     ckpt = ray.train.get_checkpoint()
     if ckpt is None:
-        yield None, []
+        yield None, None, []
         return
+    ref = storage.ref(posixpath.join(ckpt.path, CKPT_FILE))
     with ckpt.as_directory() as folder:  # no copy on local storage
         latest = Path(folder) / CKPT_FILE
         # Older checkpoints are read in place only where the run folder is a local (or
         # mounted) one; a download from cloud storage is a lone temporary folder.
         local = Path(folder) == Path(ckpt.path)
-        candidates = ray_resume_candidates(latest, reported_checkpoint_files()) if local \
-            else [latest]
-        yield pick_resume_checkpoint(candidates, stage, log, distrust)
+        if local:
+            candidates = ray_resume_candidates(latest, reported_checkpoint_files())
+        else:
+            candidates, distrust = [latest], [str(latest)] if ref in distrust else []
+        path, corrupt = pick_resume_checkpoint(candidates, stage, log, distrust)
+        yield path, (str(path) if local else ref) if path else None, corrupt
 
 
 def quiet_report_log() -> None:
@@ -305,9 +311,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
     """The function every Ray Train worker runs: one stage of the library.
 
     Args:
-        config: ``stage_config`` (a StageConfig as a dict), ``init_from`` (the previous
-            stage's checkpoint or None), ``distrust`` (damaged checkpoint files not to resume
-            from) and ``fault`` (tests only).
+        config: ``stage_config`` (a StageConfig as a dict), ``storage`` (the run folder's
+            :class:`RunStorage`), ``init_from`` (the previous stage's checkpoint ref or
+            None), ``distrust`` (damaged checkpoint refs not to resume from) and ``fault``
+            (tests only).
 
     Returns:
         On rank 0, the stage's result as builtins (``Result.return_value``); else None.
@@ -320,16 +327,28 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
              FaultHook(dist.rank, config.get("fault"), sync=reports_collected_barrier)]
     log = _stderr_line if dist.rank == 0 else None
     distrust = config.get("distrust") or ()
-    with _latest_checkpoint(cfg.stage, log, distrust) as (resume_from, corrupt):
+    storage: RunStorage = config["storage"]
+    with _latest_checkpoint(cfg.stage, log, distrust, storage) as (resume_from, ref, corrupt), \
+            _local_input(storage, config.get("init_from")) as init_from:
         result = run_stage(cfg, dist=dist, hooks=hooks, resume_from=resume_from,
-                           init_from=config.get("init_from"))
+                           init_from=init_from)
     if dist.rank != 0:
         return None
     out = _jsonable(result.to_dict())
-    out["resumed_from"] = str(resume_from) if resume_from else None
+    out["resumed_from"] = ref
     out["corrupt_checkpoints"] = corrupt
     out["timing"] = {"entered": entered, "loop_s": time.time() - entered}
     return out
+
+
+@contextlib.contextmanager
+def _local_input(storage: RunStorage, ref: str | None) -> Iterator[str | None]:
+    """The previous stage's checkpoint as a local file (downloaded from remote storage)."""
+    if ref is None:
+        yield None
+        return
+    with storage.holder(ref).local_copy(ref) as path:
+        yield str(path)
 
 
 # ----------------------------------------------------------------------------- one stage
@@ -355,30 +374,32 @@ def torch_config(ray_cfg: RayConfig) -> TorchConfig:
     return TorchConfig(backend="cpu:gloo,cuda:nccl" if ray_cfg.use_gpu else "gloo")
 
 
-def fit_stage(cfg: StageConfig, ray_cfg: RayConfig, run_dir: str, init_from: str | None,
-              fault: dict[str, Any] | None = None,
+def fit_stage(cfg: StageConfig, ray_cfg: RayConfig, run_dir: RunStorage | str,
+              init_from: str | None, fault: dict[str, Any] | None = None,
               distrust: Sequence[str] = (),
               callbacks: Sequence[ray.train.UserCallback] = ()) -> dict[str, Any]:
-    """Fit one stage with a TorchTrainer whose run folder is ``<run_dir>/<stage>``.
+    """Fit one stage with a TorchTrainer whose run folder is ``<run_dir>/<stage>``
+    (``run_dir``: local or remote, see :mod:`pipelines.storage`).
 
     A folder that already holds checkpoints of this stage is resumed from the latest.
     ``callbacks`` go to ``RunConfig(callbacks=...)`` (the sweep forwards reports to Tune).
 
     Returns:
-        ``checkpoint`` (the final checkpoint file) and ``result`` (rank 0's return value).
+        ``checkpoint`` (the final checkpoint's ref) and ``result`` (rank 0's return value).
 
     Raises:
         ray.train.TrainingFailedError: a worker failed more than ``max_failures`` times.
         CheckpointError: the stage reported no checkpoint.
     """
+    storage = as_storage(run_dir)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"stage_config": config_to_dict(cfg), "init_from": init_from,
-                           "fault": fault, "distrust": list(distrust)},
+                           "fault": fault, "distrust": list(distrust), "storage": storage},
         scaling_config=scaling_config(ray_cfg, cfg),
         torch_config=torch_config(ray_cfg),
         run_config=RunConfig(
-            name=cfg.stage, storage_path=run_dir,
+            name=cfg.stage, **storage.run_config_kwargs(),
             failure_config=FailureConfig(max_failures=ray_cfg.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=ray_cfg.num_to_keep),
             # Ray Train's per-report INFO lines would drown the one progress line per epoch.
@@ -393,7 +414,8 @@ def fit_stage(cfg: StageConfig, ray_cfg: RayConfig, run_dir: str, init_from: str
     if timing:  # where Ray's time went: worker group start-up, the stage, tear-down
         timing["ray_startup_s"] = timing["entered"] - started
         timing["ray_teardown_s"] = time.time() - timing["entered"] - timing["loop_s"]
-    return {"checkpoint": str(Path(result.checkpoint.path) / CKPT_FILE), "result": out}
+    ckpt = storage.ref(posixpath.join(result.checkpoint.path, CKPT_FILE))
+    return {"checkpoint": ckpt, "result": out}
 
 
 # The stage's driver-side half runs as a task so that a submitted job's entrypoint (and
@@ -401,11 +423,10 @@ def fit_stage(cfg: StageConfig, ray_cfg: RayConfig, run_dir: str, init_from: str
 _fit_stage_task = ray.remote(num_cpus=0, max_retries=0)(fit_stage)
 
 
-def fit_stage_on_ray(cfg: StageConfig, ray_cfg: RayConfig, run_dir: Path,
+def fit_stage_on_ray(cfg: StageConfig, ray_cfg: RayConfig, storage: RunStorage,
                      init_from: str | None, distrust: Sequence[str] = ()) -> dict[str, Any]:
     """Run :func:`fit_stage` as a Ray task and wait; Ctrl-C cancels it and its workers."""
-    ref = _fit_stage_task.remote(cfg, ray_cfg, str(run_dir), init_from, fault_from_env(),
-                                 distrust)
+    ref = _fit_stage_task.remote(cfg, ray_cfg, storage, init_from, fault_from_env(), distrust)
     try:
         return ray.get(ref)
     except KeyboardInterrupt:
@@ -444,8 +465,11 @@ def fit_stage_locally(cfg: StageConfig, run_dir: Path, init_from: str | None,
 # ----------------------------------------------------------------------------- sequence
 
 
-def _sha_or_none(path: str | None) -> str | None:
-    return file_sha256(path) if path and Path(path).is_file() else None
+def _sha_or_none(storage: RunStorage, ref: str | None) -> str | None:
+    if not ref:
+        return None
+    holder = storage.holder(ref)
+    return holder.sha256(ref) if holder.is_file(ref) else None
 
 
 def _damaged_final(record: RunRecord, name: str) -> str | None:
@@ -453,7 +477,7 @@ def _damaged_final(record: RunRecord, name: str) -> str | None:
     SHA-256 (disk or copy damage, even where it still loads), else None."""
     rec = record.stage(name)
     ckpt = rec.get("checkpoint")
-    if rec.get("status") != "done" or not ckpt or not Path(ckpt).is_file():
+    if rec.get("status") != "done" or not ckpt or not record.storage.is_file(ckpt):
         return None
     return ckpt if record.done_checkpoint(name) is None else None
 
@@ -476,32 +500,33 @@ def _needs_fresh_start(rec: Mapping[str, Any], init_sha: str | None,
 
 
 def run_one_stage(record: RunRecord, cfg: StageConfig, ray_cfg: RayConfig,
-                  session: RaySession, init_from: str | None) -> Path:
+                  session: RaySession, init_from: str | None) -> str:
     """Run (or resume) one stage, keeping its ``run.json`` entry up to date.
 
     Returns:
-        The stage's final checkpoint file.
+        The stage's final checkpoint (its ref: a path, or a URI on remote storage).
 
     Raises:
         StageFailed: the stage's training failed (the message summarises the workers' errors).
         KeyboardInterrupt: Ctrl-C or SIGTERM; the stage is recorded as failed ("interrupted").
     """
-    name, run_dir = cfg.stage, record.run_dir
+    name, storage = cfg.stage, record.storage
     if ray_cfg.num_workers > 0:
         session.ensure()  # before "running": a ResourceError is not a failed stage
-    init_sha = _sha_or_none(init_from)
+    init_sha = _sha_or_none(storage, init_from)
     damaged = _damaged_final(record, name)  # hashes the final checkpoint: once
     distrust = _distrusted(record.stage(name), damaged)
     if _needs_fresh_start(record.stage(name), init_sha, damaged):
-        shutil.rmtree(run_dir / name, ignore_errors=True)
+        storage.delete_dir(storage.path(name))
         distrust = []
     record.update(name, status="running", started=_now(), init_from=init_from,
                   init_from_sha256=init_sha, error=None, distrust=distrust,
                   attempts=record.stage(name).get("attempts", 0) + 1)
     t0 = time.perf_counter()
     try:
-        out = (fit_stage_locally(cfg, run_dir, init_from, distrust) if ray_cfg.num_workers == 0
-               else fit_stage_on_ray(cfg, ray_cfg, run_dir, init_from, distrust))
+        out = (fit_stage_locally(cfg, record.run_dir, init_from, distrust)
+               if ray_cfg.num_workers == 0
+               else fit_stage_on_ray(cfg, ray_cfg, storage, init_from, distrust))
     except BaseException as e:
         error = ("interrupted" if isinstance(e, KeyboardInterrupt)
                  else f"{type(e).__name__}: {error_summary(e)}")
@@ -512,7 +537,7 @@ def run_one_stage(record: RunRecord, cfg: StageConfig, ray_cfg: RayConfig,
                               "the same command resumes from the last checkpoint)") from e
         raise
     _record_done(record, name, out, time.perf_counter() - t0)
-    return Path(out["checkpoint"])
+    return out["checkpoint"]
 
 
 def _now() -> str:
@@ -527,20 +552,20 @@ def _record_done(record: RunRecord, name: str, out: Mapping[str, Any], wall_s: f
                   metrics=result.get("metrics"), result=result,
                   epochs_run=result.get("epochs_run"), resumed_from=result.get("resumed_from"),
                   corrupt_checkpoints=result.get("corrupt_checkpoints") or [],
-                  timing=timing, **checkpoint_fields(Path(out["checkpoint"])))
+                  timing=timing, **checkpoint_fields(record.storage, out["checkpoint"]))
 
 
 def run_stages(record: RunRecord, stages: Mapping[str, StageConfig], ray_cfg: RayConfig,
-               session: RaySession, log: Callable[[str], None] = print) -> Path:
+               session: RaySession, log: Callable[[str], None] = print) -> str:
     """Run the stages in order, each from the previous one's checkpoint; skip finished ones.
 
     A stage is skipped when ``run.json`` says it is done and its checkpoint still has the
     recorded SHA-256; once one stage runs, every later stage runs again on its output.
 
     Returns:
-        The last stage's final checkpoint.
+        The last stage's final checkpoint (its ref).
     """
-    prev: Path | None = None
+    prev: str | None = None
     rerun = False
     for name, cfg in stages.items():
         done = None if rerun else record.done_checkpoint(name)
@@ -549,7 +574,7 @@ def run_stages(record: RunRecord, stages: Mapping[str, StageConfig], ray_cfg: Ra
             prev = done
             continue
         rerun = True
-        init = str(prev) if prev is not None else (cfg.resume or None)
+        init = prev if prev is not None else (cfg.resume or None)
         prev = run_one_stage(record, cfg, ray_cfg, session, init)
     assert prev is not None, "no stages to run"
     return prev
