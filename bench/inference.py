@@ -69,7 +69,7 @@ from dsnet.atomic import atomic_write_text  # noqa: E402
 from dsnet.bn_calibration import recalibrate_bn  # noqa: E402
 from dsnet.evaluate import save_figure  # noqa: E402
 from dsnet.export import export_dynamic, export_subnet  # noqa: E402
-from dsnet.madds import count_madds, routing_madds, widths_madds  # noqa: E402
+from dsnet.madds import count_madds, routing_madds  # noqa: E402
 from dsnet.masked import masked_dynamic_forward  # noqa: E402
 
 IMG_SIZES = {"ds_mbnet_v1": 224, "ds_mbnet_small": 28}
@@ -344,16 +344,9 @@ def _expected_time(med: dict[str, float], name: str, info: dict[str, Any]) -> fl
 
 
 def trunk_madds(model: nn.Module, img_size: int) -> float:
-    """MAdds per image of the trunk (stem .. gate block's attention head), gate head excluded.
-
-    ``widths_madds`` with width 0 from the gate stage's output on counts exactly the trunk:
-    the gate block's depthwise conv and attention head depend on its input width only, and
-    every later term has a zero factor.
-    """
-    g = model.arch.gate_stage
-    narrow = model.arch.uniform_widths(model.routing_space[0])
-    widths = narrow[:g + 1] + (0,) * (len(narrow) - g - 1)
-    return float(widths_madds(model.arch, widths, model.in_chans, model.num_classes, img_size))
+    """MAdds per image of the trunk (stem .. the gate's attention head), gate head excluded:
+    the part every routed subnet shares (each family counts its own, ``model.trunk_madds``)."""
+    return float(model.trunk_madds(img_size))
 
 
 def _speedup(slow: tuple[float, float, float], fast: tuple[float, float, float],

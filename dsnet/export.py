@@ -9,16 +9,26 @@ uses the fused ``nn.SiLU``, a few per cent faster on a CPU and within 1e-6) and 
 
 :func:`export_dynamic` does the same for the eval-mode dynamic network: a shared trunk, the
 slimming head and one static tail per routed subnet, with samples grouped by choice.
+
+This module holds the static building blocks of every supernet family (MobileNet blocks,
+ResNet bottlenecks) and the copy helpers; each family fills them itself (its
+``export_static`` / ``export_trunk`` / ``export_tail``, Once-for-All style), so this module
+never imports a supernet and the two public functions work for every registered model.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from dsnet.arch import Subnet
-from dsnet.layers import AttentionHead, DSBatchNorm2d, Swish, fresh_mul
-from dsnet.model import DepthwiseSeparableBlock, DSNet
+from dsnet.layers import AttentionHead, DSBatchNorm2d, DSConv2d, DSLinear, Swish, fresh_mul
+
+if TYPE_CHECKING:  # type hints only: the supernets import this module
+    from dsnet.model import DSSupernet
 
 
 class StaticAttention(nn.Module):
@@ -75,7 +85,8 @@ class StaticNet(nn.Module):
         return self.classifier(nn.functional.adaptive_avg_pool2d(x, 1).flatten(1))
 
 
-def _copy_bn(src: DSBatchNorm2d, width: int) -> nn.BatchNorm2d:
+def copy_bn(src: DSBatchNorm2d, width: int) -> nn.BatchNorm2d:
+    """A plain BatchNorm of ``width`` channels: that width's statistics, the shared affine."""
     stats, shared = src.bn_for_width(width), src.aux_bn[-1]
     bn = nn.BatchNorm2d(width, eps=shared.eps, momentum=shared.momentum)
     bn.weight.data.copy_(shared.weight[:width])
@@ -85,7 +96,26 @@ def _copy_bn(src: DSBatchNorm2d, width: int) -> nn.BatchNorm2d:
     return bn
 
 
-def _copy_attention(src: AttentionHead, width: int) -> StaticAttention:
+def copy_conv(src: DSConv2d, c_out: int, c_in: int) -> nn.Conv2d:
+    """A plain convolution holding ``src``'s first ``c_out`` filters over ``c_in`` inputs."""
+    conv = nn.Conv2d(c_in, c_out, src.kernel_size, src.stride, src.padding,
+                     bias=src.bias is not None)
+    conv.weight.data.copy_(src.weight[:c_out, :c_in])
+    if src.bias is not None:
+        conv.bias.data.copy_(src.bias[:c_out])
+    return conv
+
+
+def copy_linear(src: DSLinear, c_in: int) -> nn.Linear:
+    """A plain classifier reading the first ``c_in`` features."""
+    fc = nn.Linear(c_in, src.out_features)
+    fc.weight.data.copy_(src.weight[:, :c_in])
+    fc.bias.data.copy_(src.bias)
+    return fc
+
+
+def copy_attention(src: AttentionHead, width: int) -> StaticAttention:
+    """The attention head of a ``width``-channel input (``src.attends`` must hold)."""
     att = StaticAttention(width, src.reduced_channels)
     att.conv_reduce.weight.data.copy_(src.conv_reduce.weight[:, :width])
     att.conv_reduce.bias.data.copy_(src.conv_reduce.bias)
@@ -94,48 +124,12 @@ def _copy_attention(src: AttentionHead, width: int) -> StaticAttention:
     return att
 
 
-def _copy_block(src: DepthwiseSeparableBlock, c_in: int, c_out: int,
-                silu: bool = False) -> StaticBlock:
-    block = StaticBlock(c_in, c_out, src.conv_dw.stride[0], src.gate.reduced_channels, silu)
-    block.conv_dw.weight.data.copy_(src.conv_dw.weight[:c_in])
-    block.bn1 = _copy_bn(src.bn1, c_in)
-    block.gate = _copy_attention(src.gate, c_in)
-    block.conv_pw.weight.data.copy_(src.conv_pw.weight[:c_out, :c_in])
-    block.bn2 = _copy_bn(src.bn2, c_out)
-    return block
-
-
-@torch.no_grad()
-def export_subnet(model: DSNet, subnet: Subnet | None = "largest",
-                  silu: bool = False) -> StaticNet:
-    """Copy a static subnet of ``model`` into a plain :class:`StaticNet` (eval mode).
-
-    Args:
-        model: the supernet.
-        subnet: ``"largest"``, ``"smallest"`` or a uniform subnet index.
-        silu: use ``nn.SiLU`` instead of the release's ``x * sigmoid(x)`` (faster, not
-            bitwise equal).
-    """
-    model = getattr(model, "module", model)
-    widths = model.arch.resolve(subnet)
-    stem = nn.Conv2d(model.in_chans, widths[0], 3, model.arch.stem_stride, 1, bias=False)
-    stem.weight.data.copy_(model.conv_stem.weight[:widths[0]])
-    blocks, c_in = [], widths[0]
-    for stage, c_out in zip(model.blocks, widths[1:]):
-        blocks += _copy_blocks([stage.first_block, *stage.residual_blocks], c_in, c_out, silu)
-        c_in = c_out
-    classifier = nn.Linear(c_in, model.num_classes)
-    classifier.weight.data.copy_(model.classifier.weight[:, :c_in])
-    classifier.bias.data.copy_(model.classifier.bias)
-    net = StaticNet(stem, _copy_bn(model.bn1, widths[0]), blocks, classifier, silu)
-    return net.to(model.classifier.weight.device).eval()
-
-
 # ----------------------------------------------------------------------------- dynamic
 
 
 class StaticTrunk(nn.Module):
-    """Stem .. the gate block's attention head, at the narrow widths every routed subnet shares.
+    """DS-MBNet's stem .. the gate block's attention head, at the narrow widths every routed
+    subnet shares.
 
     Returns the features entering the gate block's ``conv_pw`` and the attention head's
     reduced features (what the slimming head reads).
@@ -162,7 +156,8 @@ class StaticTrunk(nn.Module):
 
 
 class StaticTail(nn.Module):
-    """One routed subnet after the trunk: gate block's conv_pw/BN/Swish, blocks, classifier."""
+    """One routed DS-MBNet subnet after the trunk: gate block's conv_pw/BN/Swish, blocks,
+    classifier."""
 
     def __init__(self, conv_pw: nn.Conv2d, bn: nn.BatchNorm2d, blocks: list[StaticBlock],
                  classifier: nn.Linear, silu: bool = False) -> None:
@@ -183,7 +178,7 @@ class DynamicStaticNet(nn.Module):
 
     ``forward`` routes every sample by the argmax of the slimming head, runs each group of
     samples through its own (narrower or wider) tail and scatters the logits back in input
-    order, which is what ``DSNet(x, subnet="dynamic")`` computes in eval mode.
+    order, which is what ``model(x, subnet="dynamic")`` computes in eval mode.
 
     Attributes:
         subnets: (K,) long buffer, the uniform subnet index of each tail (routing space).
@@ -217,52 +212,111 @@ class DynamicStaticNet(nn.Module):
         return logits, self.subnets[index]
 
 
-def _copy_blocks(blocks: list[DepthwiseSeparableBlock], c_in: int,
-                 c_out: int, silu: bool = False) -> list[StaticBlock]:
-    """Static copies of consecutive blocks, the first from ``c_in``, all to ``c_out``."""
-    copies = []
-    for block in blocks:
-        copies.append(_copy_block(block, c_in, c_out, silu))
-        c_in = c_out
-    return copies
+# ----------------------------------------------------------------------------- ResNet
 
 
-def _export_trunk(model: DSNet, silu: bool = False) -> StaticTrunk:
-    widths = model.arch.uniform_widths(model.routing_space[0])
-    g = model.arch.gate_stage
-    stem = nn.Conv2d(model.in_chans, widths[0], 3, model.arch.stem_stride, 1, bias=False)
-    stem.weight.data.copy_(model.conv_stem.weight[:widths[0]])
-    blocks, c_in = [], widths[0]
-    for stage, c_out in zip(model.blocks[:g], widths[1:g + 1]):
-        blocks += _copy_blocks([stage.first_block, *stage.residual_blocks], c_in, c_out, silu)
-        c_in = c_out
-    src = model.blocks[g].first_block
-    conv_dw = nn.Conv2d(c_in, c_in, 3, src.conv_dw.stride[0], 1, groups=c_in, bias=False)
-    conv_dw.weight.data.copy_(src.conv_dw.weight[:c_in])
-    return StaticTrunk(stem, _copy_bn(model.bn1, widths[0]), blocks, conv_dw,
-                       _copy_bn(src.bn1, c_in), _copy_attention(src.gate, c_in), silu)
+class StaticBottleneck(nn.Module):
+    """torchvision's ``Bottleneck`` (stride on the 3x3, as ResNet V1.5) at fixed widths, with
+    its module names: a ResNet export's state dict reads like torchvision's."""
+
+    def __init__(self, conv1: nn.Conv2d, bn1: nn.BatchNorm2d, conv2: nn.Conv2d,
+                 bn2: nn.BatchNorm2d, conv3: nn.Conv2d, bn3: nn.BatchNorm2d,
+                 downsample: nn.Sequential | None) -> None:
+        super().__init__()
+        self.conv1, self.bn1, self.conv2, self.bn2 = conv1, bn1, conv2, bn2
+        self.conv3, self.bn3 = conv3, bn3
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        if self.downsample is not None:
+            identity = self.downsample(x)
+        out += identity  # in place, as torchvision: out is this block's fresh tensor
+        return self.relu(out)
 
 
-def _export_tail(model: DSNet, subnet: int, silu: bool = False) -> StaticTail:
-    widths = model.arch.uniform_widths(subnet)
-    g = model.arch.gate_stage
-    c_in, c_out = widths[g], widths[g + 1]   # trunk width -> this subnet's gate-stage width
-    src = model.blocks[g].first_block
-    conv_pw = nn.Conv2d(c_in, c_out, 1, bias=False)
-    conv_pw.weight.data.copy_(src.conv_pw.weight[:c_out, :c_in])
-    blocks = _copy_blocks(list(model.blocks[g].residual_blocks), c_out, c_out, silu)
-    c_in = c_out
-    for stage, c_out in zip(model.blocks[g + 1:], widths[g + 2:]):
-        blocks += _copy_blocks([stage.first_block, *stage.residual_blocks], c_in, c_out, silu)
-        c_in = c_out
-    classifier = nn.Linear(c_in, model.num_classes)
-    classifier.weight.data.copy_(model.classifier.weight[:, :c_in])
-    classifier.bias.data.copy_(model.classifier.bias)
-    return StaticTail(conv_pw, _copy_bn(src.bn2, widths[g + 1]), blocks, classifier, silu)
+class StaticGate(nn.Module):
+    """A ResNet supernet's gate at fixed width: pool -> reduce -> ReLU (what the slimming
+    head reads), then, with an attention head, expand -> sigmoid -> multiply.
+
+    ``forward`` returns (features, reduced features (B, r, 1, 1)); a static subnet, which
+    needs no reduced features, applies the attention with a :class:`StaticAttention`.
+    """
+
+    def __init__(self, channels: int, reduced: int, attention: bool) -> None:
+        super().__init__()
+        self.conv_reduce = nn.Conv2d(channels, reduced, 1, bias=True)
+        self.conv_expand = nn.Conv2d(reduced, channels, 1, bias=True) if attention else None
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        pooled = nn.functional.adaptive_avg_pool2d(x, 1)          # (B, C, 1, 1)
+        reduced = torch.relu(self.conv_reduce(pooled))            # (B, r, 1, 1)
+        if self.conv_expand is not None:
+            x = fresh_mul(x, self.conv_expand(reduced).sigmoid())
+        return x, reduced
+
+
+def resnet_sequence(parts: Sequence[tuple[str, nn.Module]]) -> nn.Sequential:
+    """A static ResNet (or a piece of one) as an ``nn.Sequential`` of named parts, so its
+    state dict keys are torchvision's (``conv1``, ``bn1``, ``layer1.0.conv1``, ``fc``)."""
+    seq = nn.Sequential()
+    for name, module in parts:
+        seq.add_module(name, module)
+    return seq
+
+
+def classifier_parts(fc: nn.Linear) -> list[tuple[str, nn.Module]]:
+    """Global average pool, flatten, classifier (torchvision's ``avgpool`` and ``fc``)."""
+    return [("avgpool", nn.AdaptiveAvgPool2d(1)), ("flatten", nn.Flatten(1)), ("fc", fc)]
+
+
+class StaticResTrunk(nn.Module):
+    """A ResNet supernet's trunk: stem and the stages before the gate, then the gate.
+
+    Returns (features entering the gate stage (B, C, h, w), reduced features (B, r, 1, 1)).
+    """
+
+    def __init__(self, body: nn.Sequential, gate: StaticGate) -> None:
+        super().__init__()
+        self.body = body
+        self.gate = gate
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.gate(self.body(x))
+
+
+# ----------------------------------------------------------------------------- public API
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
 
 
 @torch.no_grad()
-def export_dynamic(model: DSNet, silu: bool = False) -> DynamicStaticNet:
+def export_subnet(model: DSSupernet, subnet: Subnet | None = "largest",
+                  silu: bool = False) -> nn.Module:
+    """Copy a static subnet of ``model`` into plain ``nn`` modules (eval mode).
+
+    DS-MBNet gives a :class:`StaticNet`; a DS-ResNet an ``nn.Sequential`` named like
+    torchvision's ResNet (its state dict loads back with :func:`dsnet.load_pretrained`).
+
+    Args:
+        model: the supernet.
+        subnet: ``"largest"``, ``"smallest"`` or a uniform subnet index.
+        silu: use ``nn.SiLU`` instead of the release's ``x * sigmoid(x)`` (faster, not
+            bitwise equal; a ReLU network ignores it).
+    """
+    model = getattr(model, "module", model)
+    net = model.export_static(model.arch.resolve(subnet), silu)
+    return net.to(_device(model)).eval()
+
+
+@torch.no_grad()
+def export_dynamic(model: DSSupernet, silu: bool = False) -> DynamicStaticNet:
     """Copy the eval-mode dynamic network of ``model`` into a :class:`DynamicStaticNet`.
 
     The trunk, the slimming head and one tail per subnet of ``model.routing_space`` are
@@ -274,7 +328,7 @@ def export_dynamic(model: DSNet, silu: bool = False) -> DynamicStaticNet:
     head_src = model.gate_head.gate[0]
     head = nn.Conv2d(head_src.in_channels, head_src.out_channels, 1, bias=False)
     head.weight.data.copy_(head_src.weight)
-    tails = [_export_tail(model, c, silu) for c in model.routing_space]
-    net = DynamicStaticNet(_export_trunk(model, silu), head, tails, list(model.routing_space),
+    tails = [model.export_tail(c, silu) for c in model.routing_space]
+    net = DynamicStaticNet(model.export_trunk(silu), head, tails, list(model.routing_space),
                            model.num_classes)
-    return net.to(model.classifier.weight.device).eval()
+    return net.to(_device(model)).eval()

@@ -51,6 +51,21 @@ def fresh_mul(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return x.mul_(scale)
 
 
+def fresh_relu(x: torch.Tensor) -> torch.Tensor:
+    """ReLU of an intermediate nobody else holds, in place without autograd (as
+    :func:`fresh_swish`; the values are the same either way)."""
+    if x.requires_grad:
+        return F.relu(x)
+    return x.relu_()
+
+
+def fresh_add(x: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+    """``x + other`` (a residual sum), in place in the fresh ``x`` without autograd."""
+    if x.requires_grad or other.requires_grad:
+        return x + other
+    return x.add_(other)
+
+
 class Swish(nn.Module):
     """Module form of the release's Swish (:func:`fresh_swish`: its input must be an
     intermediate nobody else holds, as in every network of this package)."""
@@ -245,13 +260,18 @@ class AttentionHead(nn.Module):
         channels: widest input width.
         se_ratio: reduction ratio (r = round(channels * se_ratio)).
         num_gate_choices: number of slimming-head logits; 0 for a plain attention head.
+        attention: False drops ``conv_expand`` and the multiply: the features pass
+            unchanged and only the slimming head reads the reduced features (a supernet
+            that must equal a plain network, e.g. ``ds_resnet50(attention=False)``).
     """
 
-    def __init__(self, channels: int, se_ratio: float = 0.25, num_gate_choices: int = 0) -> None:
+    def __init__(self, channels: int, se_ratio: float = 0.25, num_gate_choices: int = 0,
+                 attention: bool = True) -> None:
         super().__init__()
         self.reduced_channels = make_divisible(channels * se_ratio, 1)
         self.conv_reduce = DSPointwiseConv2d(channels, self.reduced_channels, bias=True)
-        self.conv_expand = DSPointwiseConv2d(self.reduced_channels, channels, bias=True)
+        self.conv_expand = (DSPointwiseConv2d(self.reduced_channels, channels, bias=True)
+                            if attention else None)
         self.gate: nn.Sequential | None = None
         if num_gate_choices > 0:
             self.set_num_gate_choices(num_gate_choices)
@@ -271,8 +291,15 @@ class AttentionHead(nn.Module):
         """
         pooled = F.adaptive_avg_pool2d(x, 1)                    # (B, C, 1, 1)
         reduced = F.relu(self.conv_reduce(pooled))              # (B, r, 1, 1)
+        if self.conv_expand is None:                            # no attention head
+            return x, reduced
         attn = self.conv_expand(reduced, out_channels=x.size(1)).sigmoid()
         return (fresh_mul(x, attn) if inplace else x * attn), reduced
+
+    @property
+    def attends(self) -> bool:
+        """Whether the head multiplies the features (False: slimming head only)."""
+        return self.conv_expand is not None
 
     def forward(self, x: torch.Tensor, inplace: bool = False) -> torch.Tensor:
         return self.forward_with_reduced(x, inplace)[0]
@@ -282,3 +309,61 @@ class AttentionHead(nn.Module):
         if self.gate is None:
             raise RuntimeError("this attention head has no slimming head")
         return self.gate(reduced).flatten(1)
+
+
+# ----------------------------------------------------------------------------- masked execution
+# The release's batched dynamic arithmetic (see dsnet.masked): one common width per part and
+# a per-sample channel mask after every sliced layer. The supernet families build their masked
+# forwards from these primitives.
+
+
+def channel_mask(onehot: torch.Tensor, widths: Sequence[int], width: int) -> torch.Tensor:
+    """Per-sample channel mask (B, width, 1, 1): 1 for the first ``widths[choice]`` channels.
+
+    Args:
+        onehot: (B, K) one-hot routing choice per sample.
+        widths: the K routed widths of this part.
+        width: the common width the batch is computed at (>= max(widths)).
+    """
+    table = onehot.new_zeros(len(widths), width)                 # (K, width)
+    for k, w in enumerate(widths):
+        table[k, :w] = 1.0
+    return (onehot @ table)[:, :, None, None]                    # (B, width, 1, 1)
+
+
+def masked_batch_norm(bn: DSBatchNorm2d, x: torch.Tensor, onehot: torch.Tensor,
+                      widths: Sequence[int]) -> torch.Tensor:
+    """Eval-mode BatchNorm of (B, W, H, W') with each sample's own width statistics.
+
+    As the release: per-width running statistics are zero-padded to W, stacked (K, W),
+    picked per sample by a one-hot matmul and applied element-wise with the shared affine.
+    With a straight-through one-hot the statistics carry gradients to the gate.
+    The padded variance is 1 rather than the release's 0 so the masked-off channels stay
+    finite before the mask zeroes them (the release needs a NaN clean-up for that).
+    """
+    width = x.size(1)
+    means = x.new_zeros(len(widths), width)                      # (K, W)
+    variances = x.new_ones(len(widths), width)                   # (K, W)
+    for k, w in enumerate(widths):
+        stats = bn.bn_for_width(w)
+        means[k, :w] = stats.running_mean
+        variances[k, :w] = stats.running_var
+    shared = bn.aux_bn[-1]
+    mean = (onehot @ means)[:, :, None, None]                     # (B, W, 1, 1)
+    inv_std = (onehot @ variances + shared.eps).rsqrt()[:, :, None, None]
+    return (x - mean) * inv_std * shared.weight[:width, None, None] + \
+        shared.bias[:width, None, None]
+
+
+class RoutedPart:
+    """Widths and mask of one routed part (a stage, or a residual stream) for one batch."""
+
+    def __init__(self, onehot: torch.Tensor, widths: Sequence[int], width: int) -> None:
+        self.onehot = onehot                    # (B, K)
+        self.widths = tuple(widths)             # routed width per choice
+        self.width = width                      # common width the batch runs at
+        self.mask = channel_mask(onehot, widths, width)  # (B, width, 1, 1)
+
+    def bn(self, bn: DSBatchNorm2d, x: torch.Tensor) -> torch.Tensor:
+        """Per-sample BatchNorm, then the mask (the BN shift makes zeros non-zero)."""
+        return masked_batch_norm(bn, x, self.onehot, self.widths) * self.mask

@@ -2,9 +2,11 @@
 
 Counted for the running widths: every convolution ``in * out * k * k * H_out * W_out /
 groups``, the attention heads' 1x1 convolutions (on a 1x1 map), every average pool as
-``channels * H_in * W_in`` and the classifier ``in * out``. BatchNorm, activations and the
-attention multiply are free. The count is analytic (no forward pass), so it is exact and
-cheap for any input size.
+``channels * H_in * W_in`` and the classifier ``in * out``. BatchNorm, activations, max
+pooling, residual sums and the attention multiply are free. The count is analytic (no
+forward pass), so it is exact and cheap for any input size. Each supernet family counts
+its own topology (``model.widths_madds``; DS-MBNet's is :func:`widths_madds` here, the
+DS-ResNets' in :mod:`dsnet.resnet`); the functions below work for every model.
 
 Widths may also be tensors (one width per sample): every layer's count multiplies its
 running input and output widths, which is how the release's gate-training complexity term
@@ -40,7 +42,7 @@ def _block_madds(c_in: Width, c_out: Width, c_max: int, size: int, se_ratio: flo
 
 def widths_madds(arch: ArchSpec, widths: Sequence[Width], in_chans: int, num_classes: int,
                  input_size: int) -> Width:
-    """MAdds of the static subnet with the given per-part widths.
+    """MAdds of the DS-MBNet static subnet with the given per-part widths.
 
     With int widths an exact int; a part's width may instead be a tensor (B,) of running
     widths, and the count (B,) then broadcasts the same rule (exact in float64 for
@@ -64,7 +66,7 @@ def count_madds(model: torch.nn.Module, subnet: Subnet | None = "largest",
     """MAdds of one image through a static subnet of ``model``.
 
     Args:
-        model: a DS-Net supernet (``dsnet.create_model``).
+        model: a DS-Net supernet (``dsnet.create_model``), any family.
         subnet: ``"largest"``, ``"smallest"`` or a uniform subnet index. For the dynamic
             mode use :func:`routing_madds` (per choice) and average over the samples.
         input_size: square input resolution (default: the architecture's).
@@ -72,10 +74,9 @@ def count_madds(model: torch.nn.Module, subnet: Subnet | None = "largest",
     Returns:
         The count as an exact integer (ds_mbnet_v1 at 224: subnet 0 -> 132,890,144).
     """
-    arch: ArchSpec = model.arch
-    size = input_size or arch.img_size
-    widths = arch.resolve(subnet)
-    return widths_madds(arch, widths, model.in_chans, model.num_classes, size)
+    model = getattr(model, "module", model)
+    widths = model.arch.resolve(subnet)
+    return int(model.widths_madds(widths, input_size or model.arch.img_size))
 
 
 def routing_madds(model: torch.nn.Module, input_size: int | None = None) -> torch.Tensor:
@@ -84,7 +85,8 @@ def routing_madds(model: torch.nn.Module, input_size: int | None = None) -> torc
     The expected MAdds of a dynamic forward is ``(gate_weights * routing_madds).sum(1)``;
     with the straight-through one-hot it is differentiable w.r.t. the slimming head.
     """
-    gate_cost = model.gate_head.reduced_channels * len(model.routing_space)
+    model = getattr(model, "module", model)
+    gate_cost = model.gate_madds(input_size or model.arch.img_size)
     return torch.tensor([count_madds(model, c, input_size) + gate_cost
                          for c in model.routing_space], dtype=torch.float64)
 
@@ -111,15 +113,15 @@ def masked_expected_madds(model: torch.nn.Module, gate_weights: torch.Tensor,
         gate_weights: (B, K) routing one-hot (straight-through or soft).
         input_size: square input resolution (default: the architecture's).
     """
+    model = getattr(model, "module", model)
     arch: ArchSpec = model.arch
     space = model.routing_space
+    size = input_size or arch.img_size
     weights = gate_weights.to(torch.float64)                     # exact integer widths
     widths: list[Width] = list(arch.uniform_widths(space[0]))[:arch.gate_stage + 1]
     for spec in arch.stages[arch.gate_stage:]:
         routed = torch.tensor([spec.widths[c] for c in space], dtype=torch.float64,
                               device=weights.device)             # (K,)
         widths.append(weights @ routed)                          # (B,) running width
-    total = widths_madds(arch, widths, model.in_chans, model.num_classes,
-                         input_size or arch.img_size)
-    gate_cost = model.gate_head.reduced_channels * len(space)   # the slimming head
-    return (total + gate_cost).to(gate_weights.dtype)
+    total = model.widths_madds(widths, size)
+    return (total + model.gate_madds(size)).to(gate_weights.dtype)  # + the slimming head

@@ -1,8 +1,17 @@
-"""The DS-Net supernet (MobileNetV1-style, the release's ``slimmable_mbnet_v1_bn_uniform``).
+"""DS-Net supernets: the shared machinery (:class:`DSSupernet`) and DS-MBNet (:class:`DSNet`).
 
-Module names and tensor shapes follow the release exactly, so its checkpoint loads as is:
-``conv_stem``, ``bn1``, ``blocks.{stage}.first_block`` / ``blocks.{stage}.residual_blocks.{j}``
-(each ``conv_dw``, ``bn1``, ``gate``, ``conv_pw``, ``bn2``), ``classifier``.
+:class:`DSSupernet` holds what every family shares: the subnets of its architecture, the
+slimming head's routing space, the static / dynamic (grouped by choice) / head forwards.
+A family subclass builds its modules and knows its own topology (Once-for-All style): its
+forwards, its MAdds, how to export itself as plain static modules and how to run the
+release's masked batch. ``dsnet.count_madds``, ``export_subnet``, ``export_dynamic`` and
+the ``dsnet.masked`` functions dispatch to those methods, so they work for every model.
+
+DS-MBNet (MobileNetV1-style, the release's ``slimmable_mbnet_v1_bn_uniform``): module names
+and tensor shapes follow the release exactly, so its checkpoint loads as is: ``conv_stem``,
+``bn1``, ``blocks.{stage}.first_block`` / ``blocks.{stage}.residual_blocks.{j}`` (each
+``conv_dw``, ``bn1``, ``gate``, ``conv_pw``, ``bn2``), ``classifier``. The DS-ResNets are in
+:mod:`dsnet.resnet`.
 """
 
 from __future__ import annotations
@@ -16,6 +25,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsnet.arch import DS_MBNET_SMALL, DS_MBNET_TINY, DS_MBNET_V1, ArchSpec, Subnet
+from dsnet.export import (
+    StaticBlock,
+    StaticNet,
+    StaticTail,
+    StaticTrunk,
+    copy_attention,
+    copy_bn,
+)
 from dsnet.layers import (
     AttentionHead,
     DSBatchNorm2d,
@@ -23,8 +40,10 @@ from dsnet.layers import (
     DSDepthwiseConv2d,
     DSLinear,
     DSPointwiseConv2d,
+    RoutedPart,
     fresh_swish,
 )
+from dsnet.madds import Width, widths_madds
 from dsnet.registry import register_model
 
 
@@ -56,6 +75,41 @@ class DepthwiseSeparableBlock(nn.Module):
     def forward(self, x: torch.Tensor, out_width: int) -> torch.Tensor:
         return self.forward_post(self.forward_pre(x)[0], out_width)
 
+    def export(self, c_in: int, c_out: int, silu: bool = False) -> StaticBlock:
+        """A plain :class:`~dsnet.export.StaticBlock` holding copies of this block's
+        weights at widths ``c_in`` -> ``c_out``."""
+        block = StaticBlock(c_in, c_out, self.conv_dw.stride[0], self.gate.reduced_channels,
+                            silu)
+        block.conv_dw.weight.data.copy_(self.conv_dw.weight[:c_in])
+        block.bn1 = copy_bn(self.bn1, c_in)
+        block.gate = copy_attention(self.gate, c_in)
+        block.conv_pw.weight.data.copy_(self.conv_pw.weight[:c_out, :c_in])
+        block.bn2 = copy_bn(self.bn2, c_out)
+        return block
+
+    def masked_pre(self, x: torch.Tensor, part: RoutedPart) -> torch.Tensor:
+        """conv_dw -> BN -> Swish -> attention head on (B, part.width, H, W), masked."""
+        x = self.conv_dw(x) * part.mask            # depthwise: width follows x.size(1)
+        x = fresh_swish(part.bn(self.bn1, x))
+        # The attention head needs no mask: zeroed channels add nothing to its pool/reduce
+        # and stay zero after its multiply.
+        return self.gate(x, inplace=True)
+
+    def masked_post(self, x: torch.Tensor, part: RoutedPart) -> torch.Tensor:
+        """conv_pw to part.width -> BN -> Swish, masked."""
+        x = self.conv_pw(x, part.width) * part.mask
+        return fresh_swish(part.bn(self.bn2, x))
+
+
+def _export_blocks(blocks: Sequence[DepthwiseSeparableBlock], c_in: int, c_out: int,
+                   silu: bool = False) -> list[StaticBlock]:
+    """Static copies of consecutive blocks, the first from ``c_in``, all to ``c_out``."""
+    copies = []
+    for block in blocks:
+        copies.append(block.export(c_in, c_out, silu))
+        c_in = c_out
+    return copies
+
 
 class DSStage(nn.Module):
     """A stage: ``first_block`` (stride, width change) then ``residual_blocks`` (no skip)."""
@@ -77,6 +131,11 @@ class DSStage(nn.Module):
 
     def forward(self, x: torch.Tensor, out_width: int) -> torch.Tensor:
         return self.forward_rest(self.first_block(x, out_width), out_width)
+
+    @property
+    def all_blocks(self) -> list[DepthwiseSeparableBlock]:
+        """``first_block`` then the others."""
+        return [self.first_block, *self.residual_blocks]
 
 
 @dataclass
@@ -125,8 +184,8 @@ def straight_through_gumbel(logits: torch.Tensor, tau: float = 1.0) -> torch.Ten
     return gumbel_sample(logits, tau)[0]
 
 
-class DSNet(nn.Module):
-    """A dynamic slimmable supernet.
+class DSSupernet(nn.Module):
+    """A dynamic slimmable supernet: what every family (DS-MBNet, DS-ResNet) shares.
 
     Call it as ``model(x)`` (largest), ``model(x, subnet=c)`` (uniform subnet c),
     ``model(x, subnet="smallest")`` or ``model(x, subnet="dynamic")`` (the slimming head
@@ -134,34 +193,28 @@ class DSNet(nn.Module):
     straight-through Gumbel one-hot when it is in train mode and takes the argmax in eval
     mode: ``model.eval(); model.gate_head.train()`` is the gate-training setting.
 
+    A family subclass builds its modules, ends its ``__init__`` with
+    ``self.routing_space = routing_space`` (which builds the slimming head) and supplies its
+    topology: :meth:`forward_widths`, :meth:`forward_trunk`, :meth:`forward_tail`,
+    :attr:`gate_head`, :attr:`classifier_layer`, and the Once-for-All-style hooks
+    :meth:`widths_madds`, :meth:`trunk_madds`, :meth:`export_static`, :meth:`export_trunk`,
+    :meth:`export_tail` and :meth:`masked_tail`.
+
     Args:
         arch: the architecture.
         num_classes: classifier outputs.
         in_chans: input channels.
         drop_rate: dropout before the classifier, applied to the largest network only.
-        routing_space: uniform subnets the slimming head chooses among (ascending).
     """
 
-    def __init__(self, arch: ArchSpec, num_classes: int = 1000, in_chans: int = 3,
-                 drop_rate: float = 0.0, routing_space: Sequence[int] = (0, 1, 2, 3)) -> None:
+    def __init__(self, arch: ArchSpec, num_classes: int, in_chans: int,
+                 drop_rate: float) -> None:
         super().__init__()
         self.arch = arch
         self.num_classes = num_classes
         self.in_chans = in_chans
         self.drop_rate = drop_rate
-        self.conv_stem = DSConv2d(in_chans, arch.stem_widths[-1], 3, arch.stem_stride)
-        self.bn1 = DSBatchNorm2d(arch.stem_widths)
-        in_widths = arch.stem_widths
-        stages = []
-        for spec in arch.stages:
-            stages.append(DSStage(in_widths, spec.widths, spec.num_blocks, spec.stride,
-                                  arch.se_ratio))
-            in_widths = spec.widths
-        self.blocks = nn.ModuleList(stages)
-        self.classifier = DSLinear(in_widths[-1], num_classes)
         self._routing_space: tuple[int, ...] = ()
-        init_weights(self)
-        self.routing_space = routing_space  # builds the slimming head (gate.gate.0)
 
     # ------------------------------------------------------------------ properties
     @property
@@ -171,8 +224,13 @@ class DSNet(nn.Module):
 
     @property
     def gate_head(self) -> AttentionHead:
-        """The attention head holding the slimming head (``blocks.{g}.first_block.gate``)."""
-        return self.blocks[self.arch.gate_stage].first_block.gate
+        """The attention head holding the slimming head (``gate_head.gate``)."""
+        raise NotImplementedError
+
+    @property
+    def classifier_layer(self) -> DSLinear:
+        """The final linear layer."""
+        raise NotImplementedError
 
     @property
     def routing_space(self) -> tuple[int, ...]:
@@ -216,44 +274,28 @@ class DSNet(nn.Module):
         return 0 if subnet == "smallest" else int(subnet)
 
     def forward_widths(self, x: torch.Tensor, widths: Sequence[int]) -> torch.Tensor:
-        """Run the static subnet with one output width per part (stem first)."""
-        x = fresh_swish(self.bn1(self.conv_stem(x, widths[0])))    # (B, stem, H/s, W/s)
-        for stage, width in zip(self.blocks, widths[1:]):
-            x = stage(x, width)                               # (B, width, h, w)
-        largest = tuple(widths) == self.arch.largest_widths()
-        return self.forward_head(x, dropout=largest)
+        """Run the static subnet with one width per part (stem first)."""
+        raise NotImplementedError
 
     def forward_head(self, x: torch.Tensor, dropout: bool = False) -> torch.Tensor:
         """Global average pool, dropout (largest only, as the release), classifier."""
         x = F.adaptive_avg_pool2d(x, 1).flatten(1)           # (B, C_active)
         if dropout and self.drop_rate > 0.0:
             x = F.dropout(x, self.drop_rate, self.training)
-        return self.classifier(x)
+        return self.classifier_layer(x)
 
     # ------------------------------------------------------------------ dynamic
     def forward_trunk(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Shared part of every routed subnet: stem .. gate block's attention head.
+        """Shared part of every routed subnet, up to the gate.
 
-        Returns (features (B, C, h, w) entering the gate block's ``conv_pw``,
-        slimming-head logits (B, K)).
+        Returns (features (B, C, h, w) the routed part starts from, slimming-head logits
+        (B, K)).
         """
-        widths = self.arch.uniform_widths(self.routing_space[0])
-        g = self.arch.gate_stage
-        x = fresh_swish(self.bn1(self.conv_stem(x, widths[0])))
-        for stage, width in zip(self.blocks[:g], widths[1:g + 1]):
-            x = stage(x, width)
-        feats, reduced = self.blocks[g].first_block.forward_pre(x)
-        return feats, self.gate_head.gate_logits(reduced)
+        raise NotImplementedError
 
     def forward_tail(self, feats: torch.Tensor, subnet: int) -> torch.Tensor:
         """Rest of uniform subnet ``subnet`` from the trunk's features to the logits."""
-        widths = self.arch.uniform_widths(subnet)
-        g = self.arch.gate_stage
-        x = self.blocks[g].first_block.forward_post(feats, widths[g + 1])
-        x = self.blocks[g].forward_rest(x, widths[g + 1])
-        for stage, width in zip(self.blocks[g + 1:], widths[g + 2:]):
-            x = stage(x, width)
-        return self.forward_head(x)
+        raise NotImplementedError
 
     def forward_dynamic(self, x: torch.Tensor, gumbel_tau: float = 1.0) -> DynamicOutput:
         """Route every sample to one subnet of the routing space.
@@ -290,6 +332,210 @@ class DSNet(nn.Module):
             if rows.numel():
                 logits[rows] = self.forward_tail(feats[rows], subnet)
         return logits
+
+    # ------------------------------------------------------------------ topology hooks
+    def widths_madds(self, widths: Sequence[Width], input_size: int) -> Width:
+        """MAdds of one image through the static subnet of these per-part widths.
+
+        A part's width may be a float64 tensor (B,) of running widths: the count (B,) then
+        broadcasts the same rule (the release's quadratic gate-training complexity).
+        """
+        raise NotImplementedError
+
+    def trunk_madds(self, input_size: int) -> int:
+        """MAdds of :meth:`forward_trunk` per image, the slimming head excluded."""
+        raise NotImplementedError
+
+    def gate_madds(self, input_size: int) -> int:
+        """MAdds a dynamic forward adds to its routed subnet's static count: the slimming
+        head's 1x1 conv (r x K on a 1x1 map)."""
+        return self.gate_head.reduced_channels * len(self.routing_space)
+
+    def export_static(self, widths: Sequence[int], silu: bool = False) -> nn.Module:
+        """The static subnet of these widths as plain ``nn`` modules holding copies."""
+        raise NotImplementedError
+
+    def export_trunk(self, silu: bool = False) -> nn.Module:
+        """:meth:`forward_trunk` as plain modules: ``x -> (features, reduced features)``."""
+        raise NotImplementedError
+
+    def export_tail(self, subnet: int, silu: bool = False) -> nn.Module:
+        """:meth:`forward_tail` of ``subnet`` as plain modules: ``features -> logits``."""
+        raise NotImplementedError
+
+    def routed_parts(self, onehot: torch.Tensor, full_width: bool = False
+                     ) -> list[RoutedPart]:
+        """One :class:`~dsnet.layers.RoutedPart` per stage from the gate stage on.
+
+        Args:
+            onehot: (B, K) routing one-hot.
+            full_width: compute at each stage's widest supernet width as the release's
+                unsliced weights do, instead of the widest routed width (the default, a
+                faster and therefore more demanding baseline).
+        """
+        parts = []
+        for spec in self.arch.stages[self.arch.gate_stage:]:
+            widths = [spec.widths[c] for c in self.routing_space]
+            width = spec.widths[-1] if full_width else max(widths)
+            parts.append(RoutedPart(onehot, widths, width))
+        return parts
+
+    def masked_tail(self, feats: torch.Tensor, onehot: torch.Tensor,
+                    full_width: bool = False) -> torch.Tensor:
+        """The release's masked execution from the trunk's features to the logits: one
+        common width per part, a per-sample channel mask and per-sample BN statistics
+        after every sliced layer (see :mod:`dsnet.masked`)."""
+        raise NotImplementedError
+
+
+class DSNet(DSSupernet):
+    """DS-MBNet: the release's MobileNetV1-style dynamic slimmable supernet.
+
+    See :class:`DSSupernet` for how to call it.
+
+    Args:
+        arch: the architecture.
+        num_classes: classifier outputs.
+        in_chans: input channels.
+        drop_rate: dropout before the classifier, applied to the largest network only.
+        routing_space: uniform subnets the slimming head chooses among (ascending).
+    """
+
+    def __init__(self, arch: ArchSpec, num_classes: int = 1000, in_chans: int = 3,
+                 drop_rate: float = 0.0, routing_space: Sequence[int] = (0, 1, 2, 3)) -> None:
+        super().__init__(arch, num_classes, in_chans, drop_rate)
+        self.conv_stem = DSConv2d(in_chans, arch.stem_widths[-1], 3, arch.stem_stride)
+        self.bn1 = DSBatchNorm2d(arch.stem_widths)
+        in_widths = arch.stem_widths
+        stages = []
+        for spec in arch.stages:
+            stages.append(DSStage(in_widths, spec.widths, spec.num_blocks, spec.stride,
+                                  arch.se_ratio))
+            in_widths = spec.widths
+        self.blocks = nn.ModuleList(stages)
+        self.classifier = DSLinear(in_widths[-1], num_classes)
+        init_weights(self)
+        self.routing_space = routing_space  # builds the slimming head (gate.gate.0)
+
+    @property
+    def gate_head(self) -> AttentionHead:
+        """The attention head holding the slimming head (``blocks.{g}.first_block.gate``)."""
+        return self.blocks[self.arch.gate_stage].first_block.gate
+
+    @property
+    def classifier_layer(self) -> DSLinear:
+        return self.classifier
+
+    # ------------------------------------------------------------------ forward
+    def forward_widths(self, x: torch.Tensor, widths: Sequence[int]) -> torch.Tensor:
+        """Run the static subnet with one output width per part (stem first)."""
+        x = fresh_swish(self.bn1(self.conv_stem(x, widths[0])))    # (B, stem, H/s, W/s)
+        for stage, width in zip(self.blocks, widths[1:]):
+            x = stage(x, width)                               # (B, width, h, w)
+        largest = tuple(widths) == self.arch.largest_widths()
+        return self.forward_head(x, dropout=largest)
+
+    def forward_trunk(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Shared part of every routed subnet: stem .. gate block's attention head.
+
+        Returns (features (B, C, h, w) entering the gate block's ``conv_pw``,
+        slimming-head logits (B, K)).
+        """
+        widths = self.arch.uniform_widths(self.routing_space[0])
+        g = self.arch.gate_stage
+        x = fresh_swish(self.bn1(self.conv_stem(x, widths[0])))
+        for stage, width in zip(self.blocks[:g], widths[1:g + 1]):
+            x = stage(x, width)
+        feats, reduced = self.blocks[g].first_block.forward_pre(x)
+        return feats, self.gate_head.gate_logits(reduced)
+
+    def forward_tail(self, feats: torch.Tensor, subnet: int) -> torch.Tensor:
+        """Rest of uniform subnet ``subnet`` from the trunk's features to the logits."""
+        widths = self.arch.uniform_widths(subnet)
+        g = self.arch.gate_stage
+        x = self.blocks[g].first_block.forward_post(feats, widths[g + 1])
+        x = self.blocks[g].forward_rest(x, widths[g + 1])
+        for stage, width in zip(self.blocks[g + 1:], widths[g + 2:]):
+            x = stage(x, width)
+        return self.forward_head(x)
+
+    # ------------------------------------------------------------------ MAdds
+    def widths_madds(self, widths: Sequence[Width], input_size: int) -> Width:
+        return widths_madds(self.arch, widths, self.in_chans, self.num_classes, input_size)
+
+    def trunk_madds(self, input_size: int) -> int:
+        # Width 0 from the gate stage's output on counts exactly the trunk: the gate block's
+        # depthwise conv and attention head depend on its input width only, and every later
+        # term has a zero factor.
+        g = self.arch.gate_stage
+        narrow = self.arch.uniform_widths(self.routing_space[0])
+        return int(self.widths_madds(narrow[:g + 1] + (0,) * (len(narrow) - g - 1),
+                                     input_size))
+
+    # ------------------------------------------------------------------ export
+    def _export_stem(self, width: int) -> tuple[nn.Conv2d, nn.BatchNorm2d]:
+        stem = nn.Conv2d(self.in_chans, width, 3, self.arch.stem_stride, 1, bias=False)
+        stem.weight.data.copy_(self.conv_stem.weight[:width])
+        return stem, copy_bn(self.bn1, width)
+
+    def _export_classifier(self, c_in: int) -> nn.Linear:
+        classifier = nn.Linear(c_in, self.num_classes)
+        classifier.weight.data.copy_(self.classifier.weight[:, :c_in])
+        classifier.bias.data.copy_(self.classifier.bias)
+        return classifier
+
+    def export_static(self, widths: Sequence[int], silu: bool = False) -> StaticNet:
+        stem, bn = self._export_stem(widths[0])
+        blocks, c_in = [], widths[0]
+        for stage, c_out in zip(self.blocks, widths[1:]):
+            blocks += _export_blocks(stage.all_blocks, c_in, c_out, silu)
+            c_in = c_out
+        return StaticNet(stem, bn, blocks, self._export_classifier(c_in), silu)
+
+    def export_trunk(self, silu: bool = False) -> StaticTrunk:
+        widths = self.arch.uniform_widths(self.routing_space[0])
+        g = self.arch.gate_stage
+        stem, bn = self._export_stem(widths[0])
+        blocks, c_in = [], widths[0]
+        for stage, c_out in zip(self.blocks[:g], widths[1:g + 1]):
+            blocks += _export_blocks(stage.all_blocks, c_in, c_out, silu)
+            c_in = c_out
+        src = self.blocks[g].first_block
+        conv_dw = nn.Conv2d(c_in, c_in, 3, src.conv_dw.stride[0], 1, groups=c_in, bias=False)
+        conv_dw.weight.data.copy_(src.conv_dw.weight[:c_in])
+        return StaticTrunk(stem, bn, blocks, conv_dw, copy_bn(src.bn1, c_in),
+                           copy_attention(src.gate, c_in), silu)
+
+    def export_tail(self, subnet: int, silu: bool = False) -> StaticTail:
+        widths = self.arch.uniform_widths(subnet)
+        g = self.arch.gate_stage
+        c_in, c_out = widths[g], widths[g + 1]  # trunk width -> this subnet's gate-stage width
+        src = self.blocks[g].first_block
+        conv_pw = nn.Conv2d(c_in, c_out, 1, bias=False)
+        conv_pw.weight.data.copy_(src.conv_pw.weight[:c_out, :c_in])
+        blocks = _export_blocks(list(self.blocks[g].residual_blocks), c_out, c_out, silu)
+        c_in = c_out
+        for stage, c_out in zip(self.blocks[g + 1:], widths[g + 2:]):
+            blocks += _export_blocks(stage.all_blocks, c_in, c_out, silu)
+            c_in = c_out
+        return StaticTail(conv_pw, copy_bn(src.bn2, widths[g + 1]), blocks,
+                          self._export_classifier(c_in), silu)
+
+    # ------------------------------------------------------------------ masked
+    def masked_tail(self, feats: torch.Tensor, onehot: torch.Tensor,
+                    full_width: bool = False) -> torch.Tensor:
+        parts = self.routed_parts(onehot, full_width)
+        g = self.arch.gate_stage
+        x = self.blocks[g].first_block.masked_post(feats, parts[0])
+        prev = parts[0]
+        for stage, part in zip(self.blocks[g:], parts):
+            blocks = stage.all_blocks
+            if stage is self.blocks[g]:
+                blocks = blocks[1:]                 # its first block's pre part is the trunk's
+            for block in blocks:
+                x = block.masked_post(block.masked_pre(x, prev), part)
+                prev = part
+        return self.forward_head(x)             # zeroed features add nothing to the pool/fc
 
 
 def init_weights(model: nn.Module) -> None:
