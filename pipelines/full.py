@@ -9,7 +9,8 @@ The run folder ``<output>/<name>/`` holds ``run.json``, each stage's Ray Train r
 (``supernet/``, ``reset_bn/``, ``gate/``) and ``results/``. Running the same command
 again skips finished stages and resumes an interrupted one from its last checkpoint.
 ``--output`` may be a URI (``s3://bucket/runs``, ``gs://...``): everything then goes
-there, and every node is checked to reach it before training. ``--num-workers 0`` runs every stage in this process without Ray. On a cluster::
+there, and every node is checked to reach it before training. ``--num-workers 0`` runs
+every stage in this process without Ray. On a cluster::
 
     ray job submit --address http://HEAD:8265 --working-dir . -- \\
         python -m pipelines.full -c configs/default.yml --output /shared/runs

@@ -18,6 +18,12 @@ RAY_TEST_ENV = {
     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1",
 }
 
+# A tiny budget for every stage of a pipeline run (64 synthetic 16 px images), for tests
+# that need the stages to run but not to learn.
+FAST_OVERRIDES = ["--set", "dataset=synthetic", "--set", "synthetic_size=64",
+                  "--set", "img_size=16", "--set", "batch_size=32",
+                  "--set", "eval_subnets=[0,3]"]
+
 
 @pytest.fixture(scope="session")
 def ray_session() -> Iterator[object]:

@@ -25,7 +25,7 @@ from dsnet.config import config_to_dict, load_pipeline_config
 from pipelines import full, supernet
 from pipelines.runtime import REPO_ROOT, ResourceError, check_resources
 from pipelines.stage import FAULT_ENV, FAULT_MARKER_ENV
-from tests.conftest import RAY_TEST_ENV
+from tests.conftest import FAST_OVERRIDES, RAY_TEST_ENV
 
 TINY = REPO_ROOT / "configs" / "tiny.yml"
 STAGES = ("supernet", "reset_bn", "gate")
@@ -45,10 +45,6 @@ warmup_epochs: 0
 batch_size: 32
 num_random: 1
 """
-# The same budget for every stage of a pipeline run (in-process test).
-FAST_OVERRIDES = ["--set", "dataset=synthetic", "--set", "synthetic_size=64",
-                  "--set", "img_size=16", "--set", "batch_size=32",
-                  "--set", "eval_subnets=[0,3]"]
 
 
 def _run_json(run_dir: Path) -> dict:
