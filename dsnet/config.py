@@ -75,7 +75,9 @@ class StageConfig:
     in_chans: int | None = None  # None = the dataset's
     routing_space: list[int] | None = None  # subnet indices the gate routes over
     num_choice: int = 14  # authors': number of widths; in a gate stage, routing-space size
-    pretrained: bool = False  # authors'; true is refused (no downloadable weights)
+    # authors' key; a path: a plain network's state dict (a torchvision/timm ResNet-50 for
+    # ds_resnet50) as Stage I's start (dsnet.load_pretrained); true is refused (no downloads)
+    pretrained: bool | str = False
     drop: float = 0.2  # authors': classifier dropout (largest subnet)
     drop_path: float = 0.0  # authors' ``drop-path``; non-zero refused (no stochastic depth)
     # optimisation (authors'; timm's optimizer and scheduler factories)
@@ -173,6 +175,8 @@ class RayConfig:
     address: str | None = None  # None = start or join a local cluster
     health_check_interval_s: float = 1.0
     min_free_mb: float = 200.0  # free disk space the output folder needs before a run starts
+    # how Ray places the workers: PACK fills a node first, SPREAD one per node where it can
+    placement_strategy: str = "PACK"
 
 
 @dataclass
@@ -228,6 +232,9 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "mixup_mode": ("batch", "pair", "elem"),
     "train_interpolation": ("random", "bilinear", "bicubic"),
     "estimator": ("tails", "masked"),
+}
+_RAY_CHOICES: dict[str, tuple[str, ...]] = {
+    "placement_strategy": ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"),
 }
 # the release's ``train_mode`` of each stage (reset_bn does not train)
 _TRAIN_MODES = {"supernet": ("all",), "reset_bn": ("all", "gate"), "gate": ("gate",)}
@@ -304,15 +311,20 @@ def _check_fields(obj: Any, ranges: Mapping[str, tuple[Callable[[Any], bool], st
             raise ConfigError(f"key '{name}' must be {ranges[name][1]}, got {value!r}")
 
 
-def _check_choices(cfg: StageConfig) -> None:
-    """Enumerated string fields take one of their accepted values."""
-    for key, choices in _CHOICES.items():
-        value = getattr(cfg, key)
+def _check_enums(obj: Any, table: Mapping[str, tuple[str, ...]]) -> None:
+    """Enumerated string fields of a config dataclass take one of their accepted values."""
+    for key, choices in table.items():
+        value = getattr(obj, key)
         if value not in choices:
             close = difflib.get_close_matches(value, choices, n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
             raise ConfigError(f"key '{key}' must be one of {', '.join(map(repr, choices))}, "
                               f"got {value!r}{hint}")
+
+
+def _check_choices(cfg: StageConfig) -> None:
+    """A stage's enumerated fields, and its device spelling."""
+    _check_enums(cfg, _CHOICES)
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.device):
         raise ConfigError(f"key 'device' must be 'auto', 'cpu', 'cuda' or 'cuda:N', "
                           f"got {cfg.device!r}")
@@ -353,9 +365,7 @@ def _check_refused(cfg: StageConfig) -> None:
     if cfg.drop_path > 0:
         raise ConfigError(f"key 'drop_path': {cfg.model} has no stochastic depth; "
                           f"set drop_path: 0.0 (got {cfg.drop_path})")
-    if cfg.pretrained:
-        raise ConfigError("key 'pretrained': dsnet downloads no weights; set pretrained: false "
-                          "and give a checkpoint file with resume: PATH")
+    _check_pretrained(cfg.pretrained)
     if cfg.train_mode is not None and cfg.train_mode not in _TRAIN_MODES[cfg.stage]:
         raise ConfigError(f"key 'train_mode': the {cfg.stage} stage trains "
                           f"'{_TRAIN_MODES[cfg.stage][0]}', got {cfg.train_mode!r} (dsnet "
@@ -379,6 +389,18 @@ def _check_refused(cfg: StageConfig) -> None:
                                           < cfg.cutmix_minmax[1] <= 1):
         raise ConfigError(f"key 'cutmix_minmax' must be [min, max] with 0 < min < max <= 1, "
                           f"got {cfg.cutmix_minmax!r}")
+
+
+def _check_pretrained(value: bool | str) -> None:
+    """``pretrained``: false, or the path of an existing weights file (nothing is downloaded)."""
+    if value is True:
+        raise ConfigError("key 'pretrained': dsnet downloads no weights; set pretrained: false, "
+                          "give a checkpoint file with resume: PATH, or give the path of a "
+                          "plain network's weights (pretrained: resnet50.pth)")
+    if isinstance(value, str) and value and not Path(value).is_file():
+        raise ConfigError(f"key 'pretrained': file {value!r} not found; give the path of a "
+                          "plain network's state dict, e.g. torchvision's ResNet-50 saved with "
+                          "torch.save(model.state_dict(), 'resnet50.pth'), or pretrained: false")
 
 
 def validate_stage(cfg: StageConfig) -> StageConfig:
@@ -406,6 +428,7 @@ def validate_stage(cfg: StageConfig) -> StageConfig:
 def validate_ray(cfg: RayConfig) -> RayConfig:
     """Check types and ranges of a Ray config; returns it. Raises ConfigError."""
     _check_fields(cfg, _RAY_RANGES)
+    _check_enums(cfg, _RAY_CHOICES)
     _check_gpu_share(cfg)
     return cfg
 

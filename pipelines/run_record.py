@@ -33,7 +33,9 @@ STATUSES = ("pending", "running", "done", "failed")
 def versions() -> dict[str, str]:
     """Versions recorded with a run."""
     return {"dsnet": dsnet.__version__, "torch": str(torch.__version__),
-            "ray": ray.__version__, "python": platform.python_version()}
+            "ray": ray.__version__, "python": platform.python_version(),
+            # which copy ran: an installed package, a checkout, or a job's working_dir
+            "dsnet_source": os.path.dirname(os.path.abspath(dsnet.__file__))}
 
 
 def _now() -> str:

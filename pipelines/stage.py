@@ -50,6 +50,7 @@ from ray.train import (
     ScalingConfig,
 )
 from ray.train.torch import TorchConfig, TorchTrainer
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from dsnet.checkpoint import CheckpointError, first_readable, rotation_candidates
 from dsnet.config import RayConfig, StageConfig, config_to_dict, stage_config_from_dict
@@ -364,7 +365,8 @@ def scaling_config(ray_cfg: RayConfig, cfg: StageConfig | None = None) -> Scalin
     if ray_cfg.use_gpu:
         resources["GPU"] = worker_gpus(ray_cfg)
     return ScalingConfig(num_workers=ray_cfg.num_workers, use_gpu=ray_cfg.use_gpu,
-                         resources_per_worker=resources)
+                         resources_per_worker=resources,
+                         placement_strategy=ray_cfg.placement_strategy)
 
 
 def torch_config(ray_cfg: RayConfig) -> TorchConfig:
@@ -425,8 +427,14 @@ _fit_stage_task = ray.remote(num_cpus=0, max_retries=0)(fit_stage)
 
 def fit_stage_on_ray(cfg: StageConfig, ray_cfg: RayConfig, storage: RunStorage,
                      init_from: str | None, distrust: Sequence[str] = ()) -> dict[str, Any]:
-    """Run :func:`fit_stage` as a Ray task and wait; Ctrl-C cancels it and its workers."""
-    ref = _fit_stage_task.remote(cfg, ray_cfg, storage, init_from, fault_from_env(), distrust)
+    """Run :func:`fit_stage` as a Ray task and wait; Ctrl-C cancels it and its workers.
+
+    The task (and so Train's controller, which stays with its caller) runs on the driver's
+    node: losing a worker node then costs a worker-group restart, never the stage.
+    """
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    ref = _fit_stage_task.options(scheduling_strategy=here).remote(
+        cfg, ray_cfg, storage, init_from, fault_from_env(), distrust)
     try:
         return ray.get(ref)
     except KeyboardInterrupt:

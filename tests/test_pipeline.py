@@ -1,21 +1,18 @@
 """The Ray layer (``pipelines``): CLI errors, resource checks, the three-stage run on Ray
-Train workers, skipping and resuming, the in-process path, and ``ray job submit``.
+Train workers, skipping and resuming, the in-process path (``ray job submit`` on a real
+two-node cluster: ``test_multinode.py``).
 
 Ray fits cost 10-20 s each on 2 CPUs, so these tests share one local Ray (the
-``ray_session`` fixture) and run few fits; the job-submission test starts its own head.
+``ray_session`` fixture) and run few fits.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
-import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -25,7 +22,7 @@ from dsnet.config import config_to_dict, load_pipeline_config
 from pipelines import full, supernet
 from pipelines.runtime import REPO_ROOT, ResourceError, check_resources
 from pipelines.stage import FAULT_ENV, FAULT_MARKER_ENV
-from tests.conftest import FAST_OVERRIDES, RAY_TEST_ENV
+from tests.conftest import FAST_OVERRIDES
 
 TINY = REPO_ROOT / "configs" / "tiny.yml"
 STAGES = ("supernet", "reset_bn", "gate")
@@ -208,77 +205,6 @@ def test_interrupted_stage_resumes_from_last_checkpoint(
     assert st["epochs_run"] == [1]  # epoch 0 came from the checkpoint
     assert Path(st["resumed_from"]).parent.parent == run_dir / "supernet"
     assert st["metrics"]["epoch"] == 1
-
-
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
-def _wait_http(url: str, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            with urllib.request.urlopen(url, timeout=2):
-                return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(1)
-
-
-def _stop_head(proc: subprocess.Popen) -> None:
-    """Stop our own ``ray start --block`` and its process group (never ``ray stop``).
-
-    SIGTERM alone takes 30-60 s here; the group is all our own head's processes (GCS,
-    raylet, dashboard, workers), so SIGKILL after a short grace is safe.
-    """
-    for sig, wait in ((signal.SIGTERM, 5), (signal.SIGKILL, 10)):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(timeout=wait)
-            return
-        except subprocess.TimeoutExpired:
-            continue
-
-
-@pytest.mark.ray
-def test_ray_job_submit(tmp_path: Path) -> None:
-    """``ray job submit --working-dir . -- python -m pipelines.full ...`` on a real head."""
-    port, dash, client, agent = _free_ports(4)
-    bindir = str(Path(sys.executable).parent)
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env.update(RAY_TEST_ENV, PATH=bindir + os.pathsep + env.get("PATH", ""))
-    temp = f"/tmp/rayci_{os.getpid()}"
-    head = subprocess.Popen(
-        [f"{bindir}/ray", "start", "--head", "--block", "--num-cpus=2", f"--port={port}",
-         f"--dashboard-port={dash}", f"--ray-client-server-port={client}",
-         f"--dashboard-agent-listen-port={agent}", f"--temp-dir={temp}"],
-        env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        _wait_http(f"http://127.0.0.1:{dash}/api/version", timeout=90)
-        job = subprocess.run(
-            [f"{bindir}/ray", "job", "submit", "--address", f"http://127.0.0.1:{dash}",
-             "--working-dir", ".", "--", "python", "-m", "pipelines.full",
-             "-c", "configs/tiny.yml", "--output", str(tmp_path), "--name", "job",
-             "--set", "ray.num_workers=1", *FAST_OVERRIDES],
-            cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=500)
-        assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
-        assert "[supernet] epoch 1/1" in job.stdout
-        rec = _run_json(tmp_path / "job")
-        assert all(rec["stages"][s]["status"] == "done" for s in STAGES)
-        assert (tmp_path / "job" / "results" / "dsnet_final.pt").is_file()
-    finally:
-        _stop_head(head)
-        shutil.rmtree(temp, ignore_errors=True)
 
 
 def test_worker_report_log_is_quieted() -> None:

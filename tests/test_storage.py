@@ -6,12 +6,9 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,35 +20,18 @@ from pipelines.runtime import REPO_ROOT
 from pipelines.stage import FAULT_ENV, FAULT_MARKER_ENV
 from pipelines.storage import RunStorage, StorageError, is_uri
 from tests.conftest import FAST_OVERRIDES, RAY_TEST_ENV
+from tests.procs import free_ports, stop_group, wait_http
 
 TINY = REPO_ROOT / "configs" / "tiny.yml"
 STAGES = ("supernet", "reset_bn", "gate")
 BUCKET = "dsnet-runs"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_http(url: str, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            with urllib.request.urlopen(url, timeout=2):
-                return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.3)
-
-
 @pytest.fixture(scope="module")
 def s3_env() -> Iterator[dict[str, str]]:
     """A moto S3 server on a free loopback port with one bucket; the AWS variables that
     point pyarrow (and boto3) at it. Stopped by PID at the end."""
-    port = _free_port()
+    port, = free_ports(1)
     server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1",
                                "-p", str(port)], start_new_session=True,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -61,7 +41,7 @@ def s3_env() -> Iterator[dict[str, str]]:
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:
-        _wait_http(env["AWS_ENDPOINT_URL"], timeout=60)
+        wait_http(env["AWS_ENDPOINT_URL"], timeout=60)
         import boto3
 
         boto3.client("s3").create_bucket(Bucket=BUCKET)
@@ -72,8 +52,7 @@ def s3_env() -> Iterator[dict[str, str]]:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=30)
+        stop_group(server)
 
 
 def _s3() -> pafs.S3FileSystem:
