@@ -92,6 +92,7 @@ from pipelines.runtime import (
     worker_gpus,
 )
 from pipelines.stage import error_summary, fit_stage, run_stages
+from pipelines.storage import is_uri
 from pipelines.sweep_config import (
     Dist,
     SweepConfig,
@@ -201,7 +202,12 @@ def make_plan(args: argparse.Namespace, command: Sequence[str]) -> SweepPlan:
     trial_ray = ray_config_from_dict({**config_to_dict(pipeline.ray), **cfg.ray},
                                      source=f"{args.config} [ray]")
     name = args.name or cfg.name or time.strftime("sweep-%Y%m%d-%H%M%S")
-    sweep_dir = (Path(args.output or cfg.output) / name).resolve()
+    output = args.output or cfg.output
+    if is_uri(output):
+        raise UsageError(f"--output {output}: a sweep folder is local or on a shared file "
+                         "system (Tune keeps its experiment state there and the driver "
+                         "writes the Pareto files); pipelines.full takes URIs")
+    sweep_dir = (Path(output) / name).resolve()
     return SweepPlan(cfg, pipeline, trial_ray, sweep_dir, supernet, list(command))
 
 

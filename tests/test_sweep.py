@@ -117,6 +117,8 @@ def test_cli_error_exits_2_before_anything_runs(tmp_path: Path,
     assert len(err) == 1 and "did you mean 'sgs_weight'?" in err[0], err
     assert sweep.main(["-c", str(path), "--supernet", str(tmp_path / "nope.pt")]) == 2
     assert "supernet checkpoint not found" in capsys.readouterr().err
+    assert sweep.main(["-c", str(_sweep_yaml(tmp_path)), "--output", "s3://b/sweeps"]) == 2
+    assert "a sweep folder is local or on a shared file system" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
 
