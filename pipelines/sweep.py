@@ -89,6 +89,7 @@ from pipelines.runtime import (
     RaySession,
     check_resources,
     trap_sigterm,
+    worker_cpus,
     worker_gpus,
 )
 from pipelines.stage import error_summary, fit_stage, run_stages
@@ -270,7 +271,7 @@ def prepare_supernets(plan: SweepPlan, session: RaySession,
         stages = {s: pipeline.stages[s] for s in SUPERNET_STAGES}
         if pipeline.ray.num_workers > 0:
             session.ensure()
-            check_resources(pipeline.ray)
+            check_resources(pipeline.ray, stages)
         record = RunRecord.open(plan.sweep_dir / "supernets" / sid, stages, pipeline.ray,
                                 plan.command)
         log(f"supernet '{sid}': {record.run_dir}")
@@ -377,11 +378,12 @@ def _trial_dirname(trial: Any) -> str:
 
 
 def trial_concurrency(requested: int | None, ray_cfg: RayConfig,
-                      free: Mapping[str, float]) -> int:
+                      free: Mapping[str, float], loaders: int = 0) -> int:
     """Concurrent trials: at most the free CPUs (and GPUs) over what one trial's workers
-    take, at least one; the trial function itself reserves nothing."""
+    take (each with its ``loaders`` DataLoader processes, :func:`worker_cpus`), at least
+    one; the trial function itself reserves nothing."""
     workers = max(ray_cfg.num_workers, 1)
-    bound = int(free.get("CPU", 0.0) // (workers * ray_cfg.cpus_per_worker) + 1e-9)
+    bound = int(free.get("CPU", 0.0) // (workers * worker_cpus(ray_cfg, loaders)) + 1e-9)
     if ray_cfg.use_gpu:
         bound = min(bound, int(free.get("GPU", 0.0) // (workers * worker_gpus(ray_cfg)) + 1e-9))
     bound = max(bound, 1)
@@ -496,9 +498,10 @@ def run_sweep(plan: SweepPlan, log: Callable[[str], None] = print,
     with RaySession(plan.trial_ray) as session:
         supernets = prepare_supernets(plan, session, log)
         session.ensure()
-        check_resources(plan.trial_ray)
+        gate = plan.pipeline.stages["gate"]
+        check_resources(plan.trial_ray, {"gate": gate})
         concurrency = trial_concurrency(plan.cfg.max_concurrent, plan.trial_ray,
-                                        _free_resources())
+                                        _free_resources(), gate.workers)
         resuming = plan.tune_dir.exists()
         log(f"{'resuming' if resuming else 'starting'} Tune: up to {concurrency} concurrent "
             f"trial(s) x {max(plan.trial_ray.num_workers, 1)} worker(s)")

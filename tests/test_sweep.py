@@ -228,6 +228,8 @@ def test_trial_concurrency_never_overbooks() -> None:
     assert trial_concurrency(None, two, {"CPU": 0.0}) == 1  # never zero
     assert trial_concurrency(3, two, {"CPU": 16.0}) == 3
     assert trial_concurrency(None, two, {"CPU": 16.0}) == 8
+    # 2 workers x (1 + 3 DataLoader processes) = 8 CPUs a trial
+    assert trial_concurrency(None, two, {"CPU": 16.0}, loaders=3) == 2
     gpu = RayConfig(num_workers=1, use_gpu=True)
     assert trial_concurrency(None, gpu, {"CPU": 16.0, "GPU": 2.0}) == 2
 
