@@ -4,24 +4,28 @@ Run from the repository root::
 
     .venv/bin/python bench/inference.py                       # default, a few minutes on 2 cores
     .venv/bin/python bench/inference.py --quick --models ds_mbnet_small --batch-sizes 2
+    .venv/bin/python bench/inference.py --models ds_resnet50 --curve-subnets 0,3,6,13
 
-For every model (ds_mbnet_v1 at 224 px, ds_mbnet_small at 28 px), device (CPU, and CUDA when
-available) and batch size it measures, under ``torch.inference_mode()``:
+For every model (ds_mbnet_v1 at 224 px, ds_mbnet_small at 28 px by default; any registered
+model at its own size), device (CPU, and CUDA when available) and batch size it measures,
+under ``torch.inference_mode()``:
 
 1. *Slicing overhead*: the supernet ``model(x, subnet=c)`` against ``export_subnet(model, c)``
    (plain ``nn`` layers holding copies) for c in 0, 6, 13, largest. Goal: ratio <= 1.05.
 2. *Dynamic batches*: the model's eval-mode dynamic forward (samples grouped by choice, each
    group at its own width), the exported :class:`~dsnet.export.DynamicStaticNet`, the
    release's masked execution (:func:`~dsnet.masked.masked_dynamic_forward`), the largest
-   network and subnet 13. The gate is *forced*: a forward hook on the slimming-head conv
-   replaces its logits with a fixed per-sample one-hot, so a controlled 70/20/10/0 % of the
-   samples go to routing choices 0/1/2/3. With a batch too small to hold those fractions
+   network, subnet 13 and the widest routed subnet (3). The gate is *forced*: a forward hook
+   on the slimming-head conv replaces its logits with a fixed per-sample one-hot, so a
+   controlled 70/20/10/0 % of the samples go to routing choices 0/1/2/3. With a batch too
+   small to hold those fractions
    (within 5 points; batch 1 and 2), each choice is timed with the whole batch routed to it
    and the per-choice medians are averaged with the fractions as weights. Goal: the
    wall-clock speed-up reaches >= 0.8 of the MAdds ratio. The *trunk bound* column is the
    speed-up if everything after the gate cost nothing (slow time / the fast variant's own
    trunk time): where it is below the goal, no routing can reach the goal on that machine.
-3. *MAdds vs latency*: all 14 uniform subnets, per-image time vs MAdds per image, Pearson r.
+3. *MAdds vs latency*: all 14 uniform subnets (``--curve-subnets`` to time fewer: a
+   ResNet-50 round at batch 64 is minutes on 2 cores), per-image time vs MAdds, Pearson r.
 
 Every timed function of one (model, device, batch) runs in one interleaved group: each round
 calls every function once (rotating the order), so load from other processes hits all of
@@ -198,6 +202,7 @@ class Subject:
     exports: dict[str, nn.Module]
     dynamic_export: nn.Module
     memory_format: torch.memory_format = torch.contiguous_format
+    curve: tuple[int, ...] = ()   # uniform subnets of the MAdds-latency curve (() = all)
 
     def input(self, batch: int) -> torch.Tensor:
         """A random input batch (B, C, H, W) on the device, in the models' memory format."""
@@ -209,6 +214,30 @@ class Subject:
     def last(self) -> int:
         """The widest uniform subnet (13 for DS-MBNet)."""
         return self.model.num_subnets - 1
+
+    @property
+    def widest_routed(self) -> int:
+        """The widest subnet of the routing space (3 by default)."""
+        return max(self.model.routing_space)
+
+    @property
+    def largest_is_last(self) -> bool:
+        """Whether the largest network is the widest uniform subnet (a one-width trunk, as in
+        the DS-ResNets): then it is timed once, as that subnet."""
+        arch = self.model.arch
+        return arch.resolve("largest") == arch.resolve(self.last)
+
+    def timed_subnets(self) -> list[int | str]:
+        """Every static subnet some section reads, each once."""
+        ints = set(self.curve or range(self.model.num_subnets)) | {self.last, self.widest_routed}
+        ints |= {int(k) for k in self.exports if k != "largest"}
+        return sorted(ints) + ([] if self.largest_is_last else ["largest"])
+
+    def static_key(self, subnet: int | str) -> str:
+        """The timing name of a static subnet (the largest network may be the last one)."""
+        if subnet == "largest" and self.largest_is_last:
+            subnet = self.last
+        return f"subnet:{subnet}"
 
 
 def calibrated_model(name: str, calib_batch: int) -> nn.Module:
@@ -222,7 +251,8 @@ def calibrated_model(name: str, calib_batch: int) -> nn.Module:
 
 
 def prepare(model: nn.Module, name: str, device: torch.device,
-            memory_format: torch.memory_format = torch.contiguous_format) -> Subject:
+            memory_format: torch.memory_format = torch.contiguous_format,
+            curve: Sequence[int] = ()) -> Subject:
     """Move ``model`` to ``device`` and export its static subnets and dynamic network, all
     in ``memory_format`` (weights and inputs alike: every timed variant gets the same)."""
     model = model.to(device, memory_format=memory_format).eval()
@@ -230,7 +260,8 @@ def prepare(model: nn.Module, name: str, device: torch.device,
     exports = {str(s): export_subnet(model, s).to(memory_format=memory_format)
                for s in subnets}
     return Subject(name, model, IMG_SIZES.get(name, model.arch.img_size), device, exports,
-                   export_dynamic(model).to(memory_format=memory_format), memory_format)
+                   export_dynamic(model).to(memory_format=memory_format), memory_format,
+                   tuple(curve))
 
 
 def _forced(fn: Callable[[], Any], head: nn.Module, index: torch.Tensor) -> Callable[[], Any]:
@@ -257,7 +288,7 @@ def dynamic_variants(s: Subject, x: torch.Tensor,
 def static_fns(s: Subject, x: torch.Tensor) -> dict[str, Callable[[], Any]]:
     """Every uniform subnet and the largest network (supernet), and the exported networks."""
     fns: dict[str, Callable[[], Any]] = {}
-    for c in [*range(s.model.num_subnets), "largest"]:
+    for c in s.timed_subnets():
         fns[f"subnet:{c}"] = lambda c=c: s.model(x, subnet=c)
     for key, net in s.exports.items():
         fns[f"export:{key}"] = lambda net=net: net(x)
@@ -330,7 +361,8 @@ def slicing_section(s: Subject, med: dict[str, float]) -> list[dict[str, Any]]:
     """Supernet vs exported static network for each exported subnet."""
     rows = []
     for key in s.exports:
-        supernet, static = med[f"subnet:{key}"], med[f"export:{key}"]
+        sub: int | str = key if key == "largest" else int(key)
+        supernet, static = med[s.static_key(sub)], med[f"export:{key}"]
         rows.append({"subnet": key, "supernet_ms": 1e3 * supernet, "export_ms": 1e3 * static,
                      "ratio": supernet / static, "goal_met": supernet / static <= SLICING_GOAL})
     return rows
@@ -380,19 +412,21 @@ def dynamic_section(s: Subject, med: dict[str, float], info: dict[str, Any],
         "dynamic": sum(w * m for w, m in zip(info["weights"], per_choice)),
         # The masked batch runs the routed part at its widest routed width for everyone.
         "masked": max(per_choice),
-        f"subnet_{s.last}": float(count_madds(s.model, s.last, s.img_size)),
-        "largest": float(count_madds(s.model, "largest", s.img_size)),
     }
-    madds["export_dynamic"] = madds["dynamic"]
     secs = {n: _expected_time(med, n, info) for n in ("dynamic", "export_dynamic", "masked")}
-    secs[f"subnet_{s.last}"] = med[f"subnet:{s.last}"]
-    secs["largest"] = med["subnet:largest"]
+    # static references: the widest routed subnet (what a batch costs without routing), the
+    # widest uniform subnet and the largest network
+    statics = dict.fromkeys([f"subnet_{s.widest_routed}", f"subnet_{s.last}", "largest"])
+    for name in statics:
+        subnet: int | str = name if name == "largest" else int(name.split("_")[1])
+        madds[name] = float(count_madds(s.model, subnet, s.img_size))
+        secs[name] = med[s.static_key(subnet)]
+    madds["export_dynamic"] = madds["dynamic"]
     secs["trunk"], secs["export_trunk"] = med["trunk"], med["export_trunk"]
     madds["trunk"] = madds["export_trunk"] = trunk_madds(s.model, s.img_size)
-    last = f"subnet_{s.last}"
     compare = {}
     for fast in ("dynamic", "export_dynamic"):
-        for slow in ("masked", last):
+        for slow in ("masked", *list(statics)[:2]):
             own_trunk = secs["export_trunk" if fast == "export_dynamic" else "trunk"]
             compare[f"{fast}_vs_{slow}"] = _speedup(
                 (secs[slow], madds[slow], secs["trunk"]), (secs[fast], madds[fast], own_trunk),
@@ -404,8 +438,8 @@ def dynamic_section(s: Subject, med: dict[str, float], info: dict[str, Any],
 
 
 def madds_latency_section(s: Subject, med: dict[str, float], batch: int) -> dict[str, Any]:
-    """Per-image MAdds and time of every uniform subnet, and their Pearson correlation."""
-    subnets = list(range(s.model.num_subnets))
+    """Per-image MAdds and time of the curve's uniform subnets, and their Pearson r."""
+    subnets = list(s.curve or range(s.model.num_subnets))
     madds = [count_madds(s.model, c, s.img_size) for c in subnets]
     ms = [1e3 * med[f"subnet:{c}"] / batch for c in subnets]
     return {"subnets": subnets, "madds": madds, "ms_per_image": ms, "pearson": pearson(madds, ms)}
@@ -428,6 +462,7 @@ def run_group(s: Subject, batch: int, fractions: Sequence[float],
     return {
         "model": s.name, "img_size": s.img_size, "device": str(s.device), "batch_size": batch,
         "rounds": len(samples["trunk"]), "warmup_rounds": settings.warmup,
+        "timed_subnets": [str(c) for c in s.timed_subnets()],
         "seconds": time.perf_counter() - start,
         "loadavg_1min": [load_before, os.getloadavg()[0]],
         "timings_ms": {n: spread_ms(v) for n, v in samples.items()},
@@ -488,7 +523,8 @@ def format_group(r: dict[str, Any]) -> str:
                      f"{c['fraction_of_madds_ratio']:>10.2f}  {_met(c['goal_met']):<10}{tail}"
                      f"{c['trunk_bound_speedup']:>8.2f}x ({c['trunk_bound_fraction']:.2f})")
     m = r["madds_latency"]
-    lines.append(f"MAdds vs latency (14 subnets): Pearson r = {m['pearson']:.3f}; ms/image "
+    lines.append(f"MAdds vs latency ({len(m['subnets'])} subnets): Pearson r = "
+                 f"{m['pearson']:.3f}; ms/image "
                  f"{m['ms_per_image'][0]:.3f} (subnet 0) .. {m['ms_per_image'][-1]:.3f} "
                  f"(subnet {m['subnets'][-1]})")
     return "\n".join(lines)
@@ -508,7 +544,8 @@ def plot(results: list[dict[str, Any]], model: str, path: Path) -> None:
         for r in (g for g in groups if g["batch_size"] == batch):
             m, d = r["madds_latency"], r["dynamic"]
             ax.plot([v / 1e6 for v in m["madds"]], m["ms_per_image"], "o-",
-                    label=f"{r['device']} subnets 0-13 (r = {m['pearson']:.3f})")
+                    label=f"{r['device']} subnets {m['subnets'][0]}-{m['subnets'][-1]} "
+                          f"(r = {m['pearson']:.3f})")
             for name, marker in (("dynamic", "*"), ("masked", "x")):
                 ax.plot(d["madds_per_image"][name] / 1e6, d["ms_per_batch"][name] / batch,
                         marker, markersize=11, label=f"{r['device']} {name} (70/20/10/0)")
@@ -536,6 +573,18 @@ def _int_list(text: str) -> list[int]:
             f"expected comma-separated integers, got {text!r}") from None
     if not values or min(values) < 1:
         raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def _index_list(text: str) -> list[int]:
+    """argparse type: comma-separated subnet indices (>= 0)."""
+    try:
+        values = sorted({int(v) for v in text.split(",") if v.strip()})
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated subnet indices, got {text!r}") from None
+    if not values or values[0] < 0:
+        raise argparse.ArgumentTypeError(f"expected subnet indices >= 0, got {text!r}")
     return values
 
 
@@ -570,6 +619,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--memory-format", choices=sorted(MEMORY_FORMATS), default="channels_last",
                    help="layout of weights and inputs for every variant (default "
                         "channels_last: measured 1.5-1.7x faster on the trunk on CPU)")
+    p.add_argument("--curve-subnets", type=_index_list, default=None, metavar="C,C",
+                   help="uniform subnets timed for the MAdds-latency curve (default: all)")
     p.add_argument("--quick", action="store_true", help="2 timed rounds: a smoke test")
     p.add_argument("--no-keep-freed-memory", dest="keep_freed_memory", action="store_false",
                    help="leave glibc's malloc as it is (default: dsnet.allocator."
@@ -609,8 +660,11 @@ def run_model(name: str, args: argparse.Namespace, settings: Settings,
     if len(args.fractions) != len(base.routing_space):
         raise SystemExit(f"error: --fractions needs {len(base.routing_space)} values for "
                          f"{name}'s routing space {base.routing_space}")
+    curve = args.curve_subnets or []
+    if curve and curve[-1] >= base.num_subnets:
+        raise SystemExit(f"error: --curve-subnets: {name} has subnets 0..{base.num_subnets - 1}")
     for device in devices(args.devices):
-        s = prepare(base, name, device, MEMORY_FORMATS[args.memory_format])
+        s = prepare(base, name, device, MEMORY_FORMATS[args.memory_format], curve)
         diffs = parity_checks(s)
         checks[f"{name}/{device}"] = diffs
         worst = max(diffs.values())

@@ -9,10 +9,21 @@ Public API::
     dsnet.count_madds(model, subnet=0)             # 132,890,144 at 224 px
     dsnet.load_checkpoint(model, "DS_MBNet-70_1.pth.tar")
 
+    resnet = dsnet.create_model("ds_resnet50", num_classes=1000, attention=False)
+    dsnet.load_pretrained(resnet, "resnet50.pth")  # torch.save(torchvision_resnet.state_dict())
+
 This package never imports Ray; the Ray layer lives in ``pipelines``.
 """
 
-from dsnet.arch import DS_MBNET_SMALL, DS_MBNET_V1, ArchSpec, StageSpec
+from dsnet.arch import (
+    DS_MBNET_SMALL,
+    DS_MBNET_V1,
+    DS_RESNET50,
+    DS_RESNET_SMALL,
+    ArchSpec,
+    ResNetSpec,
+    StageSpec,
+)
 from dsnet.checkpoint import (
     CheckpointError,
     load_checkpoint,
@@ -21,14 +32,17 @@ from dsnet.checkpoint import (
     save_checkpoint,
 )
 from dsnet.madds import count_madds, expected_madds, routing_madds
-from dsnet.model import DSNet, DynamicOutput
+from dsnet.model import DSNet, DSSupernet, DynamicOutput
+from dsnet.pretrained import load_pretrained
 from dsnet.registry import create_model, list_models, register_model
+from dsnet.resnet import DSResNet  # registers ds_resnet50, ds_resnet_small
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "DS_MBNET_SMALL", "DS_MBNET_V1", "ArchSpec", "StageSpec", "DSNet", "DynamicOutput",
-    "CheckpointError", "load_checkpoint", "model_from_checkpoint", "read_checkpoint",
-    "save_checkpoint", "count_madds", "expected_madds", "routing_madds",
+    "DS_MBNET_SMALL", "DS_MBNET_V1", "DS_RESNET50", "DS_RESNET_SMALL", "ArchSpec", "ResNetSpec",
+    "StageSpec", "DSNet", "DSResNet", "DSSupernet", "DynamicOutput",
+    "CheckpointError", "load_checkpoint", "load_pretrained", "model_from_checkpoint",
+    "read_checkpoint", "save_checkpoint", "count_madds", "expected_madds", "routing_madds",
     "create_model", "list_models", "register_model", "__version__",
 ]

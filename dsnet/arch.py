@@ -12,6 +12,10 @@ width per part. The release names three kinds of subnet:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # annotations only: this module does not need torch
+    import torch
 
 Subnet = int | str  # an index 0..num_subnets-1, "largest", "smallest" or "dynamic"
 SUBNET_NAMES = ("largest", "smallest", "dynamic")
@@ -145,4 +149,94 @@ DS_MBNET_TINY = ArchSpec(
     ),
     gate_stage=3,
     img_size=28,
+)
+
+
+# ----------------------------------------------------------------------------- DS-ResNet
+
+
+def ratio_ladder(width: int, first: int = 3, steps: int = 16) -> tuple[int, ...]:
+    """The widths ``width * k / steps`` for k = first .. steps (a uniform slimming ladder).
+
+    The default, 3/16 .. 16/16 in steps of 1/16, gives 14 widths, as DS-MBNet has, and keeps
+    every width a multiple of ``width / 16`` (16 channels in ResNet-50's third stage, 32 in
+    its fourth): vector-friendly sizes for the convolution kernels.
+    """
+    if width % steps:
+        raise ValueError(f"width {width} is not a multiple of {steps}")
+    return tuple(width * k // steps for k in range(first, steps + 1))
+
+
+@dataclass(frozen=True)
+class ResNetSpec(ArchSpec):
+    """A DS-ResNet supernet: stages of torchvision-style bottleneck blocks.
+
+    A stage's ``widths`` are its bottlenecks' *inner* widths (the 1x1 -> 3x3 -> 1x1 middle
+    channels), one choice each before the gate stage, a slimming ladder from it on. The
+    block output (residual) width of a stage is ``expansion`` times its widest inner width;
+    with ``slice_residual`` it slims too, ``expansion`` times the running inner width.
+
+    Attributes (besides :class:`ArchSpec`'s; ``stem_widths`` is the stem conv's width):
+        expansion: residual width / inner width (4 in ResNet-50).
+        slice_residual: slim the residual stream with the inner width from the gate on.
+        stem_kernel: stem convolution kernel (7 in ResNet-50, 3 for small inputs).
+        stem_pool: a 3x3 stride-2 max pool after the stem (ResNet-50's).
+    """
+
+    expansion: int = 4
+    slice_residual: bool = False
+    stem_kernel: int = 7
+    stem_pool: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        fixed = [s.widths for s in self.stages[:self.gate_stage]] + [self.stem_widths]
+        if any(len(w) != 1 for w in fixed):
+            raise ValueError("a DS-ResNet's stem and stages before the gate have one width each")
+
+    def out_widths(self, stage: int) -> tuple[int, ...]:
+        """Residual width choices of a stage (BatchNorm widths of its block outputs)."""
+        widths = self.stages[stage].widths
+        if self.slice_residual:
+            return tuple(w * self.expansion for w in widths)
+        return (widths[-1] * self.expansion,)
+
+    def out_width(self, stage: int, width: int | torch.Tensor) -> int | torch.Tensor:
+        """Residual width of a stage running inner width ``width`` (an int or a tensor)."""
+        if self.slice_residual:
+            return width * self.expansion
+        return self.stages[stage].widths[-1] * self.expansion
+
+
+# ResNet-50 (torchvision's layout: 7x7 stem, max pool, 3-4-6-3 bottlenecks, V1.5 strides) with
+# the gate at the start of the third stage: the 14x14 stage of six blocks, where DS-MBNet's
+# gate sits too. Its inner widths (256) and the fourth stage's (512) slim 3/16 .. 16/16.
+DS_RESNET50 = ResNetSpec(
+    stem_widths=(64,),
+    stem_stride=2,
+    stages=(
+        StageSpec((64,), 3, 1),
+        StageSpec((128,), 4, 2),
+        StageSpec(ratio_ladder(256), 6, 2),
+        StageSpec(ratio_ladder(512), 3, 2),
+    ),
+    gate_stage=2,
+    img_size=224,
+)
+
+# The embedded Fashion-MNIST default's ResNet: 3x3 stem at 28 px (no pool), a one-block
+# first stage down to 14x14, then two slimming stages of two bottlenecks (7x7, 4x4) whose
+# inner widths run 6..32 and 12..64.
+DS_RESNET_SMALL = ResNetSpec(
+    stem_widths=(24,),
+    stem_stride=1,
+    stages=(
+        StageSpec((16,), 1, 2),
+        StageSpec(ratio_ladder(32), 2, 2),
+        StageSpec(ratio_ladder(64), 2, 2),
+    ),
+    gate_stage=1,
+    img_size=28,
+    stem_kernel=3,
+    stem_pool=False,
 )

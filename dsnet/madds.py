@@ -25,9 +25,13 @@ from dsnet.layers import make_divisible
 Width = int | torch.Tensor  # an exact int, or a float tensor (B,) of per-sample widths
 
 
-def _conv_out(size: int, stride: int, kernel: int = 3) -> int:
+def conv_out_size(size: int, stride: int, kernel: int = 3) -> int:
+    """Output size of a convolution (or pool) with the release's "same" padding."""
     pad = ((stride - 1) + (kernel - 1)) // 2
     return (size + 2 * pad - kernel) // stride + 1
+
+
+_conv_out = conv_out_size
 
 
 def _block_madds(c_in: Width, c_out: Width, c_max: int, size: int, se_ratio: float) -> Width:

@@ -39,6 +39,7 @@ from dsnet.masked import masked_train_forward
 from dsnet.model import DynamicOutput
 from dsnet.optim import LRSchedule, build_optimizer, build_schedule, current_lr
 from dsnet.precision import Precision
+from dsnet.pretrained import load_pretrained
 from dsnet.sampling import sandwich_subnets
 
 
@@ -180,8 +181,13 @@ class SupernetRunner(StageRunner):
 
     stage = "supernet"
 
-    def __init__(self, *args: Any) -> None:
-        super().__init__(*args)
+    def __init__(self, cfg: StageConfig, model: nn.Module, data: DataBundle,
+                 dist: DistContext, init_ckpt: dict | None = None) -> None:
+        if cfg.pretrained and init_ckpt is None:
+            # Stage I's start: a plain network's weights (a checkpoint in resume: wins),
+            # loaded before the EMA teacher copies the model and on every rank alike.
+            load_pretrained(model, cfg.pretrained)
+        super().__init__(cfg, model, data, dist, init_ckpt)
         self.model.gate_head.gate.requires_grad_(False)  # the slimming head is Stage II's
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self._init_optimizer()

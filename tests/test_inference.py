@@ -19,7 +19,7 @@ import dsnet
 from dsnet.export import DynamicStaticNet, export_dynamic, export_subnet
 from dsnet.layers import Swish
 from dsnet.masked import masked_dynamic_forward
-from tests.test_model import randomize_bn_stats
+from tests.test_model import CONTRACT_INPUTS, assert_logits_close, randomize_bn
 
 REPO = Path(__file__).resolve().parents[1]
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
@@ -32,13 +32,15 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def routed_model(routing_space: tuple[int, ...] = (0, 1, 2, 3), batch: int = 16,
-                 seed: int = 0) -> tuple[dsnet.DSNet, torch.Tensor]:
-    """A small eval-mode model with distinct per-width BN statistics and an input batch
-    that its slimming head routes to at least three different subnets."""
+                 seed: int = 0, name: str = "ds_mbnet_small"
+                 ) -> tuple[dsnet.DSSupernet, torch.Tensor]:
+    """An eval-mode model (small by default) with distinct per-width BN statistics and an
+    input batch that its slimming head routes to at least three different subnets."""
     torch.manual_seed(seed)
-    model = dsnet.create_model("ds_mbnet_small", routing_space=routing_space).eval()
-    randomize_bn_stats(model, seed)
-    x = torch.randn(batch, 1, 28, 28) * torch.linspace(0.2, 3, batch).view(batch, 1, 1, 1)
+    model = dsnet.create_model(name, routing_space=routing_space).eval()
+    randomize_bn(model, seed)
+    x = torch.randn(batch, *CONTRACT_INPUTS[name]) * torch.linspace(0.2, 3, batch).view(
+        batch, 1, 1, 1)
     seen = []
     head = model.gate_head.gate[0]
     hook = head.register_forward_hook(lambda m, i, o: seen.append(i[0].flatten(1)))
@@ -59,9 +61,15 @@ def routed_model(routing_space: tuple[int, ...] = (0, 1, 2, 3), batch: int = 16,
 # ----------------------------------------------------------------------------- export_dynamic
 
 
-@pytest.mark.parametrize("space", [(0, 1, 2, 3), (2, 5, 9, 13)])
-def test_export_dynamic_equals_model_dynamic_per_sample(space):
-    model, x = routed_model(space)
+# The contract cases: every model over the first four subnets (the release's routing space),
+# the small ones over a spread-out space too.
+ROUTED = [(name, (0, 1, 2, 3)) for name in dsnet.list_models()] + [
+    ("ds_mbnet_small", (2, 5, 9, 13)), ("ds_resnet_small", (2, 5, 9, 13))]
+
+
+@pytest.mark.parametrize("name, space", ROUTED)
+def test_export_dynamic_equals_model_dynamic_per_sample(name, space):
+    model, x = routed_model(space, name=name)
     net = export_dynamic(model)
     assert isinstance(net, DynamicStaticNet)
     assert all(type(m).__module__.startswith(("torch.nn", "dsnet.export"))
@@ -73,8 +81,7 @@ def test_export_dynamic_equals_model_dynamic_per_sample(space):
         assert torch.equal(choices, ref_choices)
         torch.testing.assert_close(net(x), ref, rtol=1e-4, atol=1e-5)
         for i in (0, len(x) - 1):     # a batch of one: the other groups are empty
-            torch.testing.assert_close(net(x[i:i + 1]), model(x[i:i + 1], subnet=int(choices[i])),
-                                       rtol=1e-4, atol=1e-5)
+            assert_logits_close(net(x[i:i + 1]), model(x[i:i + 1], subnet=int(choices[i])))
 
 
 def test_export_dynamic_holds_copies():
@@ -110,19 +117,19 @@ def test_static_subnet_exports_with_torch_export():
 # ----------------------------------------------------------------------------- masked
 
 
-@pytest.mark.parametrize("space", [(0, 1, 2, 3), (2, 5, 9, 13)])
+@pytest.mark.parametrize("name, space", ROUTED)
 @pytest.mark.parametrize("full_width", [False, True])
-def test_masked_equals_dynamic_per_sample(space, full_width):
-    model, x = routed_model(space)
+def test_masked_equals_dynamic_per_sample(name, space, full_width):
+    model, x = routed_model(space, name=name)
     with torch.no_grad():
         ref, choices = model(x, subnet="dynamic", return_choices=True)
         logits, masked_choices = masked_dynamic_forward(model, x, full_width=full_width,
                                                         return_choices=True)
         assert torch.equal(masked_choices, choices)
-        torch.testing.assert_close(logits, ref, rtol=1e-4, atol=1e-5)
+        assert_logits_close(logits, ref)
         for i in range(len(x)):
             single = model(x[i:i + 1], subnet=int(choices[i]))
-            torch.testing.assert_close(logits[i:i + 1], single, rtol=1e-4, atol=1e-5)
+            assert_logits_close(logits[i:i + 1], single)
 
 
 def test_masked_refuses_train_mode():

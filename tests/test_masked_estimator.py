@@ -10,9 +10,12 @@ import dsnet
 from dsnet.madds import expected_madds, masked_expected_madds, routing_madds, widths_madds
 from dsnet.masked import _masked_tail, masked_dynamic_forward, masked_train_forward
 from dsnet.model import gumbel_sample, straight_through_gumbel
-from tests.test_model import randomize_bn_stats
+from tests.test_model import randomize_bn
 
-GREY = {"ds_mbnet_small": (1, 28, 28), "ds_mbnet_tiny": (1, 28, 28)}
+GREY = {"ds_mbnet_small": (1, 28, 28), "ds_mbnet_tiny": (1, 28, 28),
+        "ds_resnet_small": (1, 28, 28)}
+# Supernet families on the masked estimator's contract (their grey 28 px models).
+FAMILIES = ["ds_mbnet_small", "ds_mbnet_tiny", "ds_resnet_small"]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -24,7 +27,7 @@ def gate_model(name: str, space: tuple[int, ...] = (0, 1, 2, 3), frozen: bool = 
     so a wrong statistic index shows; inputs of varied scale so choices vary."""
     torch.manual_seed(0)
     model = dsnet.create_model(name, routing_space=space)
-    randomize_bn_stats(model)
+    randomize_bn(model)
     model.eval()
     model.gate_head.train()
     if frozen:
@@ -47,7 +50,7 @@ def both(model: dsnet.DSNet, x: torch.Tensor, seed: int = 1, tau: float = 1.0):
 # ----------------------------------------------------------------------------- forward
 
 
-@pytest.mark.parametrize("name", ["ds_mbnet_small", "ds_mbnet_tiny"])
+@pytest.mark.parametrize("name", FAMILIES)
 @pytest.mark.parametrize("space", [(0, 1, 2, 3), (2, 5, 9, 13)])
 def test_masked_forward_equals_tails_estimator(name, space):
     model, x = gate_model(name, space)
@@ -102,7 +105,7 @@ def head_grad(model: dsnet.DSNet, out: dsnet.DynamicOutput, y: torch.Tensor) -> 
     return model.gate_head.gate[0].weight.grad.clone()
 
 
-@pytest.mark.parametrize("name", ["ds_mbnet_small", "ds_mbnet_tiny"])
+@pytest.mark.parametrize("name", FAMILIES)
 def test_masked_gradients_reach_head_only(name):
     model, x = gate_model(name)
     y = torch.randint(0, model.num_classes, (len(x),), generator=torch.Generator().manual_seed(0))
@@ -229,7 +232,7 @@ def test_widths_madds_broadcasts_tensor_widths():
 # ----------------------------------------------------------------------------- eval baseline
 
 
-@pytest.mark.parametrize("name", ["ds_mbnet_small", "ds_mbnet_tiny"])
+@pytest.mark.parametrize("name", FAMILIES)
 def test_eval_masked_forward_still_equals_dynamic(name):
     model, x = gate_model(name)
     model.gate_head.eval()

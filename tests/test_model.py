@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import functools
 import json
 from pathlib import Path
 
@@ -33,11 +35,73 @@ def randomize_bn_stats(model: torch.nn.Module, seed: int = 0) -> None:
             buf.copy_(torch.rand(buf.shape, generator=g) + 0.5)
 
 
+def randomize_bn_affine(model: torch.nn.Module, seed: int = 0) -> None:
+    """Give every shared BN affine random values: a DS-ResNet starts each residual branch's
+    last BN scale at zero (zero_init_residual), which would make every width compute the
+    same thing and every width test pass vacuously."""
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".aux_bn." in name:
+                p.copy_(torch.rand(p.shape, generator=g) + 0.5 if name.endswith("weight")
+                        else torch.randn(p.shape, generator=g) * 0.1)
+
+
+def randomize_bn(model: torch.nn.Module, seed: int = 0) -> None:
+    """Distinct per-width statistics (every model), and random affine for the DS-ResNets."""
+    randomize_bn_stats(model, seed)
+    if isinstance(model, dsnet.DSResNet):
+        randomize_bn_affine(model, seed)
+
+
 def small_model(**kw) -> dsnet.DSNet:
     torch.manual_seed(0)
     model = dsnet.create_model("ds_mbnet_small", **kw)
     randomize_bn_stats(model)
     return model.eval()
+
+
+# Input of the contract tests (export parity, dynamic per sample, masked) for every registered
+# model: each model's own size, where that is cheap; 64 px for the 224-px ImageNet models.
+CONTRACT_INPUTS = {"ds_mbnet_small": (1, 28, 28), "ds_mbnet_tiny": (1, 28, 28),
+                   "ds_mbnet_v1": (3, 64, 64), "ds_resnet_small": (1, 28, 28),
+                   "ds_resnet50": (3, 64, 64)}
+
+
+@functools.cache
+def _contract_model(name: str) -> tuple[dsnet.DSSupernet, torch.Tensor]:
+    if name == "ds_mbnet_small":
+        model = small_model()
+    else:
+        torch.manual_seed(0)
+        model = dsnet.create_model(name)
+        randomize_bn(model)
+    return model.eval(), torch.get_rng_state()
+
+
+def contract_model(name: str) -> dsnet.DSSupernet:
+    """An eval-mode ``name`` with random per-width BN statistics (a private copy: built once
+    per session, ResNet-50 takes a second), the global RNG left as building it leaves it."""
+    model, rng = _contract_model(name)
+    torch.set_rng_state(rng)
+    return copy.deepcopy(model)
+
+
+def contract_input(name: str, batch: int) -> torch.Tensor:
+    return torch.randn(batch, *CONTRACT_INPUTS[name])
+
+
+def assert_logits_close(got: torch.Tensor, want: torch.Tensor, rtol: float = 1e-4,
+                        atol: float = 1e-5) -> None:
+    """``assert_close`` with ``atol`` relative to the logits' scale where that exceeds 1: a
+    random ResNet-50's logits reach hundreds, and batch-1 and batch-16 convolutions round
+    differently at that scale."""
+    scale = max(1.0, want.abs().max().item())
+    torch.testing.assert_close(got, want, rtol=rtol, atol=atol * scale)
+
+
+def test_every_model_has_contract_inputs():
+    assert set(CONTRACT_INPUTS) == set(dsnet.list_models())
 
 
 @pytest.mark.parametrize("name", ["ds_mbnet_v1", "slimmable_mbnet_v1_bn_uniform"])
@@ -95,21 +159,22 @@ def test_madds_counts_real_conv_work():
 @pytest.mark.parametrize("name", dsnet.list_models())
 def test_every_model_runs_every_mode(name):
     model = dsnet.create_model(name, num_classes=7).eval()
-    size = model.arch.img_size if name != "ds_mbnet_v1" else 64
+    size = min(model.arch.img_size, 64)
     x = torch.randn(2, model.in_chans, size, size)
     for subnet in ["largest", "smallest", 0, model.num_subnets - 1, "dynamic"]:
         assert model(x, subnet=subnet).shape == (2, 7)
 
 
+@pytest.mark.parametrize("name", dsnet.list_models())
 @pytest.mark.parametrize("subnet", ["largest", 0, 6, 13])
-def test_sliced_forward_equals_dense_network(subnet):
+def test_sliced_forward_equals_dense_network(name, subnet):
     """The export does the supernet's arithmetic on copies: bitwise equal logits (with
     and without autograd); the fused-SiLU export is within rounding."""
-    model = small_model()
+    model = contract_model(name)
     dense = export_subnet(model, subnet)
     assert all(type(m).__module__.startswith(("torch.nn", "dsnet.export"))
                or type(m) is Swish for m in dense.modules())
-    x = torch.randn(4, 1, 28, 28)
+    x = contract_input(name, 4)
     with torch.no_grad():
         assert torch.equal(model(x, subnet=subnet), dense(x))
         torch.testing.assert_close(export_subnet(model, subnet, silu=True)(x), dense(x),
@@ -208,16 +273,17 @@ def diversify_gate(model: dsnet.DSNet, x: torch.Tensor) -> None:
     assert len(set(choices.tolist())) >= 3, choices
 
 
-def test_dynamic_matches_chosen_subnet_per_sample_eval():
-    model = small_model()
-    x = torch.randn(16, 1, 28, 28) * torch.linspace(0.2, 3, 16).view(16, 1, 1, 1)
+@pytest.mark.parametrize("name", dsnet.list_models())
+def test_dynamic_matches_chosen_subnet_per_sample_eval(name):
+    model = contract_model(name)
+    x = contract_input(name, 16) * torch.linspace(0.2, 3, 16).view(16, 1, 1, 1)
     diversify_gate(model, x)
     with torch.no_grad():
         logits, choices = model(x, subnet="dynamic", return_choices=True)
         assert set(choices.tolist()) <= set(model.routing_space)
         for i in range(len(x)):
             single = model(x[i:i + 1], subnet=int(choices[i]))
-            torch.testing.assert_close(logits[i:i + 1], single, rtol=1e-4, atol=1e-5)
+            assert_logits_close(logits[i:i + 1], single)
 
 
 def test_dynamic_eval_is_deterministic():
