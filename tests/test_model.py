@@ -254,30 +254,44 @@ def test_width_travels_with_the_call():
     assert torch.equal(a, b)
 
 
-def diversify_gate(model: dsnet.DSNet, x: torch.Tensor) -> None:
-    """Point each slimming-head row at one sample's reduced features (minus the batch mean),
-    so the batch ``x`` is routed to several subnets."""
+@torch.no_grad()
+def point_head_at_samples(model: dsnet.DSSupernet, x: torch.Tensor) -> torch.Tensor:
+    """Point each slimming-head row at one sample's reduced features (minus the batch mean,
+    orthogonal to it), so the batch ``x`` is routed to several subnets; returns the choices."""
     captured = []
-    hook = model.gate_head.gate[0].register_forward_hook(
-        lambda m, i, o: captured.append(i[0].flatten(1)))
-    with torch.no_grad():
-        model(x, subnet="dynamic")
-        hook.remove()
-        mean = captured[0].mean(0)                                  # (r,)
-        feats = captured[0] - mean                                  # (B, r)
-        feats -= (feats @ mean / mean.dot(mean)).unsqueeze(1) * mean  # orthogonal to mean
-        k = model.gate_head.gate[0].weight.size(0)
-        rows = feats[torch.linspace(0, len(x) - 1, k).long()]
-        model.gate_head.gate[0].weight.copy_((rows * 100).view_as(model.gate_head.gate[0].weight))
-        choices = model(x, subnet="dynamic", return_choices=True)[1]
+    head = model.gate_head.gate[0]
+    hook = head.register_forward_hook(lambda m, i, o: captured.append(i[0].flatten(1)))
+    model(x, subnet="dynamic")
+    hook.remove()
+    mean = captured[0].mean(0)                                  # (r,)
+    feats = captured[0] - mean                                  # (B, r)
+    feats -= (feats @ mean / mean.dot(mean)).unsqueeze(1) * mean  # orthogonal to mean
+    rows = feats[torch.linspace(0, len(x) - 1, head.weight.size(0)).long()]
+    head.weight.copy_((rows * 100).view_as(head.weight))
+    return model(x, subnet="dynamic", return_choices=True)[1]
+
+
+def diversify_gate(model: dsnet.DSSupernet, x: torch.Tensor) -> None:
+    """:func:`point_head_at_samples`, which must give at least three choices."""
+    choices = point_head_at_samples(model, x)
     assert len(set(choices.tolist())) >= 3, choices
+
+
+def routed_input(model: dsnet.DSSupernet, name: str, batch: int = 16) -> torch.Tensor:
+    """A batch of inputs of growing scale that the model's slimming head, pointed at its
+    samples, routes to at least three choices (unscaled inputs where the scale ramp does
+    not separate: a ResNet's gate features follow it too closely)."""
+    x = contract_input(name, batch) * torch.linspace(0.2, 3, batch).view(batch, 1, 1, 1)
+    if len(set(point_head_at_samples(model, x).tolist())) < 3:
+        x = contract_input(name, batch)
+    diversify_gate(model, x)
+    return x
 
 
 @pytest.mark.parametrize("name", dsnet.list_models())
 def test_dynamic_matches_chosen_subnet_per_sample_eval(name):
     model = contract_model(name)
-    x = contract_input(name, 16) * torch.linspace(0.2, 3, 16).view(16, 1, 1, 1)
-    diversify_gate(model, x)
+    x = routed_input(model, name)
     with torch.no_grad():
         logits, choices = model(x, subnet="dynamic", return_choices=True)
         assert set(choices.tolist()) <= set(model.routing_space)
