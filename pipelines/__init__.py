@@ -34,7 +34,7 @@ Inside a job ``RAY_ADDRESS`` is set and the command attaches to the cluster (the
 reserves no CPU). The upload of ``--working-dir`` skips what ``.gitignore`` and
 ``.rayignore`` list, and Ray 2.60 also skips ``.git`` and ``.venv`` by default. Give
 ``--output`` an absolute path that every node (and you) can reach: a relative one lands in
-the job's temporary copy of the working folder. ``ray.health_check_interval_s`` only
-applies to a Ray this command starts; an attached cluster keeps its processes' value of
-``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S``.
+the job's temporary copy of the working folder. ``ray.health_check_interval_s`` (0.1 s)
+reaches the stage's Train controller through the driver's environment, which Ray Train
+hands on.
 """

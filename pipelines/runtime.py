@@ -59,9 +59,10 @@ def init_ray(address: str | None = None, ray_cfg: RayConfig | None = None) -> bo
     Args:
         address: a cluster address (``auto``, ``HOST:PORT``, ``ray://...``); ``RAY_ADDRESS``
             (set inside ``ray job submit`` jobs) is used when this is None.
-        ray_cfg: its ``health_check_interval_s`` is exported before a local start so the
-            Train controller polls workers that often (0.1 s cuts a 2-worker start-up);
-            an attached cluster keeps the value its processes were started with.
+        ray_cfg: its ``health_check_interval_s`` is exported to this process's
+            environment, so that the Train controller polls workers that often: a Ray
+            started here inherits it, and Train hands it from the driver to the controller
+            of an attached cluster (0.1 s cuts each worker group's start-up).
 
     Returns:
         True when this call connected (the caller should ``ray.shutdown()``), False when
