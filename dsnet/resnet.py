@@ -265,8 +265,8 @@ class DSResNet(DSSupernet):
 
     def _part_madds(self, widths: Sequence[Width], input_size: int
                     ) -> tuple[list[Width], int, int]:
-        """MAdds of the stem and of each stage (a list, stem first), and the channels and
-        map size entering the gate stage."""
+        """MAdds per part (stem, each stage, then the global pool and classifier), and the
+        channels and map size entering the gate stage (where the gate reads)."""
         a = self.arch
         size = conv_out_size(input_size, a.stem_stride, a.stem_kernel)
         parts = [self.in_chans * widths[0] * a.stem_kernel ** 2 * size * size]
