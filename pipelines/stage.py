@@ -610,7 +610,7 @@ def run_one_stage(record: RunRecord, cfg: StageConfig, ray_cfg: RayConfig,
     _record_done(record, name, out,
                  time.perf_counter() - t0 - sum(c["wall_s"] for c in chained))
     for item in chained:
-        _record_chained(record, item)
+        _record_chained(record, name, item)
     return chained[-1]["checkpoint"] if chained else out["checkpoint"]
 
 
@@ -627,35 +627,38 @@ def chain_after(stages: Mapping[str, StageConfig], name: str,
     return []
 
 
-def _record_chained(record: RunRecord, item: Mapping[str, Any]) -> None:
-    """Record a stage that ran chained (:func:`chain_after`) as done."""
-    name, storage = item["stage"], record.storage
-    result = dict(item["result"] or {})
-    started = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(time.time() - item["wall_s"]))
-    record.update(name, status="done", started=started, finished=_now(), error=None,
-                  init_from=item["init_from"],
-                  init_from_sha256=_sha_or_none(storage, item["init_from"]), distrust=[],
-                  attempts=record.stage(name).get("attempts", 0) + 1,
-                  wall_s=round(item["wall_s"], 3), metrics=result.get("metrics"),
-                  result=result, epochs_run=result.get("epochs_run"), resumed_from=None,
-                  corrupt_checkpoints=[], chained_after="supernet",
-                  timing={"ray_startup_s": 0.0, "loop_s": item["wall_s"], "ray_teardown_s": 0.0},
-                  **checkpoint_fields(storage, item["checkpoint"]))
+def _record_chained(record: RunRecord, after: str, item: Mapping[str, Any]) -> None:
+    """Record a stage that ran in ``after``'s worker group (:func:`chain_after`) as done.
+    Its input is ``after``'s final checkpoint, whose SHA-256 is recorded already: a remote
+    checkpoint is not streamed a second time to hash it."""
+    name, prev, wall = item["stage"], record.stage(after), item["wall_s"]
+    init_sha = (prev.get("checkpoint_sha256") if item["init_from"] == prev.get("checkpoint")
+                else _sha_or_none(record.storage, item["init_from"]))
+    result = {**(item["result"] or {}), "resumed_from": None, "corrupt_checkpoints": [],
+              "timing": {"ray_startup_s": 0.0, "loop_s": wall, "ray_teardown_s": 0.0}}
+    started = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(time.time() - wall))
+    _record_done(record, name, {"checkpoint": item["checkpoint"], "result": result}, wall,
+                 started=started, error=None, init_from=item["init_from"],
+                 init_from_sha256=init_sha, distrust=[], chained_after=after,
+                 attempts=record.stage(name).get("attempts", 0) + 1)
 
 
 def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S")
 
 
-def _record_done(record: RunRecord, name: str, out: Mapping[str, Any], wall_s: float) -> None:
-    """Record a finished stage: checkpoint (size, SHA-256), metrics, result and timing."""
+def _record_done(record: RunRecord, name: str, out: Mapping[str, Any], wall_s: float,
+                 **fields: Any) -> None:
+    """Record a finished stage: checkpoint (size, SHA-256), metrics, result, timing and any
+    other ``fields``, in one write of ``run.json``."""
     result = dict(out["result"] or {})
     timing = result.pop("timing", None)
     record.update(name, status="done", wall_s=round(wall_s, 3), finished=_now(),
                   metrics=result.get("metrics"), result=result,
                   epochs_run=result.get("epochs_run"), resumed_from=result.get("resumed_from"),
                   corrupt_checkpoints=result.get("corrupt_checkpoints") or [],
-                  timing=timing, **checkpoint_fields(record.storage, out["checkpoint"]))
+                  timing=timing, **checkpoint_fields(record.storage, out["checkpoint"]),
+                  **fields)
 
 
 def run_stages(record: RunRecord, stages: Mapping[str, StageConfig], ray_cfg: RayConfig,

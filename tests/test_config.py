@@ -195,6 +195,11 @@ def test_ray_ranges():
         pipeline_config_from_dict(_pipeline(ray={"use_gpus": True}))
     with pytest.raises(ConfigError, match=r"\[ray\]: key 'min_free_mb' must be >= 0"):
         pipeline_config_from_dict(_pipeline(ray={"min_free_mb": -5}))
+    with pytest.raises(ConfigError, match=r"key 'placement_strategy' must be one of .*"
+                                          r"got 'SPRED' \(did you mean 'SPREAD'\?\)"):
+        pipeline_config_from_dict(_pipeline(ray={"placement_strategy": "SPRED"}))
+    spread = pipeline_config_from_dict(_pipeline(ray={"placement_strategy": "STRICT_SPREAD"}))
+    assert spread.ray.placement_strategy == "STRICT_SPREAD"
     cfg = pipeline_config_from_dict(_pipeline(ray={"num_workers": 0, "cpus_per_worker": 2}))
     assert cfg.ray == RayConfig(num_workers=0, cpus_per_worker=2.0)
 

@@ -163,6 +163,7 @@ def test_end_to_end_on_ray_then_skip(ray_session: object, tmp_path: Path,
         assert st["checkpoint_sha256"] == file_sha256(ckpt)
         assert st["checkpoint_bytes"] == ckpt.stat().st_size
         assert st["init_from"] == prev  # chained: each stage starts from the previous one
+        assert st.get("init_from_sha256") == (file_sha256(prev) if prev else None)
         assert st["epochs_run"] == [0] and st["metrics"]["top1"] >= 0
         prev = st["checkpoint"]
     results = run_dir / "results"
