@@ -23,9 +23,9 @@ import math
 import time
 from pathlib import Path
 
-from dsnet.atomic import atomic_write_text
 from dsnet.config import apply_overrides, load_pipeline_config
-from dsnet.engine import run_stage
+from dsnet.train.engine import run_stage
+from dsnet.utils.atomic import atomic_write_text
 
 ROOT = Path(__file__).resolve().parents[1]
 

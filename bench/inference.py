@@ -13,8 +13,8 @@ under ``torch.inference_mode()``:
 1. *Slicing overhead*: the supernet ``model(x, subnet=c)`` against ``export_subnet(model, c)``
    (plain ``nn`` layers holding copies) for c in 0, 6, 13, largest. Goal: ratio <= 1.05.
 2. *Dynamic batches*: the model's eval-mode dynamic forward (samples grouped by choice, each
-   group at its own width), the exported :class:`~dsnet.export.DynamicStaticNet`, the
-   release's masked execution (:func:`~dsnet.masked.masked_dynamic_forward`), the largest
+   group at its own width), the exported :class:`~dsnet.models.export.DynamicStaticNet`, the
+   release's masked execution (:func:`~dsnet.models.masked.masked_dynamic_forward`), the largest
    network, subnet 13 and the widest routed subnet (3). The gate is *forced*: a forward hook
    on the slimming-head conv replaces its logits with a fixed per-sample one-hot, so a
    controlled 70/20/10/0 % of the samples go to routing choices 0/1/2/3. With a batch too
@@ -34,7 +34,7 @@ number of rounds is ``--repeats``, cut to fit ``--group-budget-s`` but never bel
 ``--min-repeats`` (5). Random weights with BatchNorm statistics re-estimated on random
 inputs (so activations stay O(1) and no denormal slow path distorts the timings).
 Every variant runs in the same memory format (``--memory-format``, channels-last by default)
-and, on Linux, with :func:`dsnet.allocator.keep_freed_memory` (``--no-keep-freed-memory``
+and, on Linux, with :func:`dsnet.utils.allocator.keep_freed_memory` (``--no-keep-freed-memory``
 leaves glibc's default, which maps and page-faults every large activation afresh).
 
 Output: a table on stdout, ``<out>/inference.json`` and ``<out>/madds_vs_latency_<model>.png``.
@@ -68,13 +68,13 @@ import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
 import dsnet  # noqa: E402
-from dsnet.allocator import allocator_settings, keep_freed_memory  # noqa: E402
-from dsnet.atomic import atomic_write_text  # noqa: E402
-from dsnet.bn_calibration import recalibrate_bn  # noqa: E402
-from dsnet.evaluate import save_figure  # noqa: E402
-from dsnet.export import export_dynamic, export_subnet  # noqa: E402
-from dsnet.madds import count_madds, routing_madds  # noqa: E402
-from dsnet.masked import masked_dynamic_forward  # noqa: E402
+from dsnet.eval.evaluate import save_figure  # noqa: E402
+from dsnet.models.export import export_dynamic, export_subnet  # noqa: E402
+from dsnet.models.madds import count_madds, routing_madds  # noqa: E402
+from dsnet.models.masked import masked_dynamic_forward  # noqa: E402
+from dsnet.train.bn_calibration import recalibrate_bn  # noqa: E402
+from dsnet.utils.allocator import allocator_settings, keep_freed_memory  # noqa: E402
+from dsnet.utils.atomic import atomic_write_text  # noqa: E402
 
 IMG_SIZES = {"ds_mbnet_v1": 224, "ds_mbnet_small": 28}
 SLICING_SUBNETS: tuple[int | str, ...] = (0, 6, 13, "largest")
@@ -557,7 +557,7 @@ def plot(results: list[dict[str, Any]], model: str, path: Path) -> None:
 
 
 def write_json(obj: Any, path: Path) -> None:
-    """Write JSON atomically (:func:`dsnet.atomic.atomic_write_text`)."""
+    """Write JSON atomically (:func:`dsnet.utils.atomic.atomic_write_text`)."""
     atomic_write_text(path, json.dumps(obj, indent=1) + "\n")
 
 
@@ -623,7 +623,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="uniform subnets timed for the MAdds-latency curve (default: all)")
     p.add_argument("--quick", action="store_true", help="2 timed rounds: a smoke test")
     p.add_argument("--no-keep-freed-memory", dest="keep_freed_memory", action="store_false",
-                   help="leave glibc's malloc as it is (default: dsnet.allocator."
+                   help="leave glibc's malloc as it is (default: dsnet.utils.allocator."
                         "keep_freed_memory(), as pipelines.predict does; see that module)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder")
     return p

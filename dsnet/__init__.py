@@ -15,7 +15,7 @@ Public API::
 This package never imports Ray; the Ray layer lives in ``pipelines``.
 """
 
-from dsnet.arch import (
+from dsnet.models.arch import (
     DS_MBNET_SMALL,
     DS_MBNET_V1,
     DS_RESNET50,
@@ -24,20 +24,20 @@ from dsnet.arch import (
     ResNetSpec,
     StageSpec,
 )
-from dsnet.checkpoint import (
+from dsnet.models.checkpoint import (
     CheckpointError,
     load_checkpoint,
     model_from_checkpoint,
     read_checkpoint,
     save_checkpoint,
 )
-from dsnet.madds import count_madds, expected_madds, routing_madds
-from dsnet.model import DSNet, DSSupernet, DynamicOutput
-from dsnet.pretrained import load_pretrained
-from dsnet.registry import create_model, list_models, register_model
-from dsnet.resnet import DSResNet  # registers ds_resnet50, ds_resnet_small
-
-__version__ = "0.1.0"
+from dsnet.models.madds import count_madds, expected_madds, routing_madds
+from dsnet.models.mbnet import DSNet
+from dsnet.models.pretrained import load_pretrained
+from dsnet.models.registry import create_model, list_models, register_model
+from dsnet.models.resnet import DSResNet  # registers ds_resnet50, ds_resnet_small
+from dsnet.models.supernet import DSSupernet, DynamicOutput
+from dsnet.version import __version__
 
 __all__ = [
     "DS_MBNET_SMALL", "DS_MBNET_V1", "DS_RESNET50", "DS_RESNET_SMALL", "ArchSpec", "ResNetSpec",

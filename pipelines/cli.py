@@ -31,7 +31,6 @@ from pathlib import Path
 import pyarrow.fs as pafs
 import yaml
 
-from dsnet.checkpoint import CheckpointError, read_checkpoint
 from dsnet.config import (
     ConfigError,
     RayConfig,
@@ -41,11 +40,12 @@ from dsnet.config import (
     ray_config_from_dict,
     validate_ray,
 )
-from dsnet.data import DataError, check_num_classes, dataset_num_classes
-from dsnet.engine import check_stage_order, validation_images
-from dsnet.evaluate import format_table, write_results
-from dsnet.registry import create_model
-from dsnet.stages import routing_space_for
+from dsnet.data.datasets import DataError, check_num_classes, dataset_num_classes
+from dsnet.eval.evaluate import format_table, write_results
+from dsnet.models.checkpoint import CheckpointError, read_checkpoint
+from dsnet.models.registry import create_model
+from dsnet.train.engine import check_stage_order, validation_images
+from dsnet.train.stages import routing_space_for
 from pipelines.run_record import RunRecord
 from pipelines.runtime import (
     REPO_ROOT,

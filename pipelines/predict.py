@@ -120,7 +120,7 @@ def find_images(inputs: Sequence[str]) -> list[Path]:
 
 def _dataset_stats(dataset: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """(mean, std) the dataset's eval transform normalises with."""
-    from dsnet.data import CIFAR_STATS, GREY_STATS, IMAGENET_MEAN, IMAGENET_STD
+    from dsnet.data.datasets import CIFAR_STATS, GREY_STATS, IMAGENET_MEAN, IMAGENET_STD
 
     if dataset in GREY_STATS:
         mean, std = GREY_STATS[dataset]
@@ -142,7 +142,7 @@ def build_transform(dataset: str, in_chans: int, img_size: int) -> Transform:
     """PIL image -> (in_chans, img_size, img_size) tensor, as the dataset's eval transform."""
     from torchvision import transforms
 
-    from dsnet.data import EVAL_CROP_PCT, GREY_STATS
+    from dsnet.data.datasets import EVAL_CROP_PCT, GREY_STATS
 
     if in_chans not in (1, 3):
         raise PredictError(f"the model takes {in_chans} input channels; only 1 (grayscale) "
@@ -202,7 +202,7 @@ def load_model(path: str, subnet: int | str, use_ema: bool,
     """Rebuild the model from a self-describing checkpoint and check ``subnet`` against it."""
     import torch
 
-    from dsnet.checkpoint import CheckpointError, model_from_checkpoint
+    from dsnet.models.checkpoint import CheckpointError, model_from_checkpoint
 
     if not Path(path).is_file():
         raise UsageError(f"checkpoint {path} does not exist")
@@ -216,7 +216,7 @@ def load_model(path: str, subnet: int | str, use_ema: bool,
         except ValueError as e:
             raise UsageError(f"--subnet: {e}") from None
     # Channels-last is the layout CPU convolutions run fastest in (DS-MBNet's trunk 1.5-1.7x,
-    # bench/inference.py); the weight slices keep it (dsnet.layers.SliceCache).
+    # bench/inference.py); the weight slices keep it (dsnet.models.layers.SliceCache).
     layout = torch.channels_last if device.type == "cpu" else torch.contiguous_format
     return model.to(device, memory_format=layout).eval(), ckpt
 
@@ -249,8 +249,8 @@ def classify(model: nn.Module, images: Sequence[Path], transform: Transform, sub
 
 
 def write_csv(path: str | os.PathLike, rows: Sequence[Prediction]) -> None:
-    """Write the rows to ``path`` atomically (:func:`dsnet.atomic.atomic_write`)."""
-    from dsnet.atomic import atomic_write
+    """Write the rows to ``path`` atomically (:func:`dsnet.utils.atomic.atomic_write`)."""
+    from dsnet.utils.atomic import atomic_write
 
     def write(f: IO[str]) -> None:
         writer = csv.writer(f)
@@ -312,8 +312,8 @@ def _fail(message: str, code: int, debug: bool) -> int:
 
 if __name__ == "__main__":
     # A process of its own: keep freed activation memory for the next batch (glibc only;
-    # see dsnet.allocator). Not in main(), which tests and other programs call in-process.
-    from dsnet.allocator import keep_freed_memory
+    # see dsnet.utils.allocator). Not in main(), which tests and other programs call in-process.
+    from dsnet.utils.allocator import keep_freed_memory
 
     keep_freed_memory()
     sys.exit(main())

@@ -22,8 +22,8 @@ import ray
 import torch
 
 import dsnet
-from dsnet.atomic import atomic_write
 from dsnet.config import ConfigError, RayConfig, StageConfig, config_to_dict
+from dsnet.utils.atomic import atomic_write
 from pipelines.storage import RunStorage, as_storage
 
 RUN_FILE = "run.json"

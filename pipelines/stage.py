@@ -1,12 +1,12 @@
 """One DS-Net stage on Ray Train, and the supernet -> reset_bn -> gate sequence.
 
 A stage is a Ray task (``num_cpus=0``: it only waits) that builds and fits a
-``TorchTrainer``; every Train worker calls :func:`dsnet.engine.run_stage` with a
+``TorchTrainer``; every Train worker calls :func:`dsnet.train.engine.run_stage` with a
 :class:`RayReportHook` that reports metrics and rank 0's checkpoint after every epoch.
 A restarted worker group (``FailureConfig.max_failures``) or a re-run with the same run
 folder finds the latest checkpoint with ``ray.train.get_checkpoint()`` and resumes.
 
-``ray.num_workers: 0`` runs :func:`dsnet.engine.run_stage` in the driver instead (no Ray),
+``ray.num_workers: 0`` runs :func:`dsnet.train.engine.run_stage` in the driver instead (no Ray),
 with the latest checkpoint at ``<run>/<stage>/local/checkpoint.pt`` and the one before it
 at ``checkpoint.prev.pt``.
 
@@ -52,10 +52,17 @@ from ray.train import (
 from ray.train.torch import TorchConfig, TorchTrainer
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from dsnet.checkpoint import CheckpointError, first_readable, rotation_candidates
 from dsnet.config import RayConfig, StageConfig, config_to_dict, stage_config_from_dict
-from dsnet.distributed import DistContext
-from dsnet.engine import CheckpointHook, ConsoleHook, EpochReport, Hook, format_report, run_stage
+from dsnet.models.checkpoint import CheckpointError, first_readable, rotation_candidates
+from dsnet.train.distributed import DistContext
+from dsnet.train.engine import (
+    CheckpointHook,
+    ConsoleHook,
+    EpochReport,
+    Hook,
+    format_report,
+    run_stage,
+)
 from pipelines.run_record import RunRecord, checkpoint_fields
 from pipelines.runtime import RaySession, worker_cpus, worker_gpus
 from pipelines.storage import RunStorage, as_storage

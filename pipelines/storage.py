@@ -28,8 +28,8 @@ from typing import Any
 import pyarrow
 import pyarrow.fs as pafs
 
-from dsnet.atomic import atomic_write_text
-from dsnet.checkpoint import stream_sha256
+from dsnet.models.checkpoint import stream_sha256
+from dsnet.utils.atomic import atomic_write_text
 
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 

@@ -30,7 +30,7 @@ min) and needs ``pip install optuna``. ASHA needs the Ray dashboard (a Ray this 
 starts has it): it frees the placement group of a trial it stops.
 
 ``trials.csv`` status: ``done``, ``error``, ``stopped`` (by ASHA) or ``incomplete``
-(interrupted). The front (:func:`dsnet.pareto.pareto_front`) is over the done trials.
+(interrupted). The front (:func:`dsnet.eval.pareto.pareto_front`) is over the done trials.
 
 Sweep folder ``<output>/<name>/``: ``trials.csv`` (one row per trial), ``pareto.csv`` (the
 non-dominated trials and the supernets' static subnets), ``pareto.png``, ``sweep.json``

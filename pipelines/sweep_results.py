@@ -18,13 +18,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from dsnet.atomic import atomic_write_text
 from dsnet.config import (
     ConfigError,
     config_to_dict,
 )
-from dsnet.evaluate import interpolate_static, save_figure, static_madds_at
-from dsnet.pareto import hypervolume, pareto_front, spearman
+from dsnet.eval.evaluate import interpolate_static, save_figure, static_madds_at
+from dsnet.eval.pareto import hypervolume, pareto_front, spearman
+from dsnet.utils.atomic import atomic_write_text
 from pipelines.run_record import atomic_write_json, versions
 from pipelines.stage import error_summary
 from pipelines.sweep_config import Dist, SweepConfig, plain_value

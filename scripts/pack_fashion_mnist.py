@@ -28,7 +28,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from dsnet.data import FASHION_MNIST_DIR, find_idx_files, read_idx  # noqa: E402
+from dsnet.data.datasets import FASHION_MNIST_DIR, find_idx_files, read_idx  # noqa: E402
 
 DEFAULT_SOURCE = "/usr/share/datasets/fashion-mnist"
 

@@ -1,4 +1,4 @@
-"""dsnet.allocator: freed large tensors are reused instead of unmapped (glibc only)."""
+"""dsnet.utils.allocator: freed large tensors are reused instead of unmapped (glibc only)."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from pipelines.runtime import REPO_ROOT
 PROBE = """
 import json, resource, sys
 import torch
-from dsnet.allocator import allocator_settings, keep_freed_memory
+from dsnet.utils.allocator import allocator_settings, keep_freed_memory
 tuned = keep_freed_memory() if sys.argv[1] == "tune" else False
 x = torch.randn(16 << 20)
 faults = []
@@ -50,7 +50,7 @@ def test_keep_freed_memory_reuses_pages() -> None:
 
 
 def test_negative_trim_threshold_is_refused() -> None:
-    from dsnet.allocator import keep_freed_memory
+    from dsnet.utils.allocator import keep_freed_memory
 
     with pytest.raises(ValueError, match="trim_threshold_mb must be >= 0, got -1"):
         keep_freed_memory(-1)

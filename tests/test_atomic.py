@@ -1,4 +1,4 @@
-"""dsnet.atomic: outputs appear whole or not at all, with ordinary permissions."""
+"""dsnet.utils.atomic: outputs appear whole or not at all, with ordinary permissions."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from dsnet.atomic import atomic_copy, atomic_write, atomic_write_text
-from dsnet.checkpoint import atomic_torch_save, read_checkpoint
-from dsnet.evaluate import write_results
+from dsnet.eval.evaluate import write_results
+from dsnet.models.checkpoint import atomic_torch_save, read_checkpoint
+from dsnet.utils.atomic import atomic_copy, atomic_write, atomic_write_text
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import dsnet
-from dsnet.checkpoint import CheckpointError, model_from_checkpoint
+from dsnet.models.checkpoint import CheckpointError, model_from_checkpoint
 from tests.test_model import reference_keys, small_model
 
 

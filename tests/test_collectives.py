@@ -40,11 +40,11 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_map
 from torch.utils.data import DataLoader, TensorDataset
 
-import dsnet.distributed
+import dsnet.train.distributed
 from dsnet.config import ConfigError, RayConfig, ray_config_from_dict, validate_ray
-from dsnet.distributed import DistContext
-from dsnet.evaluate import evaluate_dynamic, evaluate_routing, evaluate_subnet
-from dsnet.stages import make_runner
+from dsnet.eval.evaluate import evaluate_dynamic, evaluate_routing, evaluate_subnet
+from dsnet.train.distributed import DistContext
+from dsnet.train.stages import make_runner
 from tests.test_model import small_model
 from tests.test_recipe import stage_cfg, toy_bundle
 
@@ -200,7 +200,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def gpu_world(monkeypatch) -> Iterator[tuple[DistContext, RecordingDist]]:
     """Rank 0 of two on the pretend accelerator, with the recording group installed."""
     fake = RecordingDist(ACCEL)
-    monkeypatch.setattr(dsnet.distributed, "tdist", fake)
+    monkeypatch.setattr(dsnet.train.distributed, "tdist", fake)
     with PretendAccelerator():
         yield DistContext(0, 2, ACCEL), fake
 

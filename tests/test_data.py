@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from dsnet.data import (
+from dsnet.data.datasets import (
     DATASETS,
     FASHION_MNIST_CLASSES,
     FASHION_MNIST_DIR,
@@ -209,7 +209,7 @@ def test_corrupt_image_skip_warns_once(tmp_path, caplog):
     bundle = build_datasets("imagefolder", str(_tree_with_corrupt_file(tmp_path)),
                             img_size=16, corrupt_images="skip")
     bad = _bad_index(bundle.train)
-    with caplog.at_level(logging.WARNING, logger="dsnet.data"):
+    with caplog.at_level(logging.WARNING, logger="dsnet.data.datasets"):
         image, label = bundle.train[bad]
         bundle.train[bad]
     # The next sample is served: "bad.png" sorts last in "cat", so it is a "dog" (1).

@@ -10,10 +10,10 @@ from torch.utils.data import TensorDataset
 
 import dsnet
 from dsnet.config import ConfigError, stage_config_from_dict
-from dsnet.data import DataBundle
-from dsnet.distributed import DistContext
-from dsnet.export import export_subnet
-from dsnet.stages import make_runner
+from dsnet.data.datasets import DataBundle
+from dsnet.models.export import export_subnet
+from dsnet.train.distributed import DistContext
+from dsnet.train.stages import make_runner
 from tests.test_model import randomize_bn, randomize_bn_stats
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -300,7 +300,7 @@ def forced_choices(model: dsnet.DSSupernet, index: torch.Tensor):
 def test_inner_only_variant_keeps_the_contracts():
     """``slice_residual=False`` (the measured alternative: residual stream at full width):
     export, grouped dynamic and both masked forwards still compute the chosen subnets."""
-    from dsnet.masked import masked_dynamic_forward, masked_train_forward
+    from dsnet.models.masked import masked_dynamic_forward, masked_train_forward
 
     torch.manual_seed(0)
     model = dsnet.create_model("ds_resnet_small", slice_residual=False,

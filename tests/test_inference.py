@@ -16,9 +16,9 @@ import torch
 from PIL import Image
 
 import dsnet
-from dsnet.export import DynamicStaticNet, export_dynamic, export_subnet
-from dsnet.layers import Swish
-from dsnet.masked import masked_dynamic_forward
+from dsnet.models.export import DynamicStaticNet, export_dynamic, export_subnet
+from dsnet.models.layers import Swish
+from dsnet.models.masked import masked_dynamic_forward
 from tests.test_model import (
     CONTRACT_INPUTS,
     assert_logits_close,
@@ -70,7 +70,7 @@ def test_export_dynamic_equals_model_dynamic_per_sample(name, space):
     model, x = routed_model(space, name=name)
     net = export_dynamic(model)
     assert isinstance(net, DynamicStaticNet)
-    assert all(type(m).__module__.startswith(("torch.nn", "dsnet.export"))
+    assert all(type(m).__module__.startswith(("torch.nn", "dsnet.models.export"))
                or type(m) is Swish for m in net.modules())
     with torch.no_grad():
         ref, ref_choices = model(x, subnet="dynamic", return_choices=True)

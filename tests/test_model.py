@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import dsnet
-from dsnet.export import export_subnet
-from dsnet.layers import DSConv2d, Swish, clear_slice_caches
+from dsnet.models.export import export_subnet
+from dsnet.models.layers import DSConv2d, Swish, clear_slice_caches
 
 DATA = Path(__file__).parent / "data"
 RELEASE_MADDS = [132_890_144, 152_917_184, 175_151_968, 199_594_496, 226_244_768,
@@ -172,7 +172,7 @@ def test_sliced_forward_equals_dense_network(name, subnet):
     and without autograd); the fused-SiLU export is within rounding."""
     model = contract_model(name)
     dense = export_subnet(model, subnet)
-    assert all(type(m).__module__.startswith(("torch.nn", "dsnet.export"))
+    assert all(type(m).__module__.startswith(("torch.nn", "dsnet.models.export"))
                or type(m) is Swish for m in dense.modules())
     x = contract_input(name, 4)
     with torch.no_grad():

@@ -1,4 +1,4 @@
-"""dsnet.pareto: the Pareto front (ties, duplicates, single point, all dominated) and the
+"""dsnet.eval.pareto: the Pareto front (ties, duplicates, single point, all dominated) and the
 Spearman rank correlation."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from dsnet.pareto import average_ranks, dominates, hypervolume, pareto_front, spearman
+from dsnet.eval.pareto import average_ranks, dominates, hypervolume, pareto_front, spearman
 
 
 def test_dominates() -> None:

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from dsnet.checkpoint import file_sha256
 from dsnet.config import config_to_dict, load_pipeline_config
+from dsnet.models.checkpoint import file_sha256
 from pipelines import full, supernet
 from pipelines.runtime import REPO_ROOT, ResourceError, check_resources
 from pipelines.stage import FAULT_ENV, FAULT_MARKER_ENV

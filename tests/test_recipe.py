@@ -13,12 +13,12 @@ from timm.scheduler import CosineLRScheduler
 from torch.utils.data import TensorDataset
 
 from dsnet.config import ConfigError, load_stage_config, stage_config_from_dict
-from dsnet.data import DataBundle
-from dsnet.distributed import DistContext
-from dsnet.engine import Hook, run_stage
-from dsnet.optim import build_optimizer, build_schedule, current_lr
-from dsnet.precision import Precision
-from dsnet.stages import loader_options, make_runner
+from dsnet.data.datasets import DataBundle
+from dsnet.train.distributed import DistContext
+from dsnet.train.engine import Hook, run_stage
+from dsnet.train.optim import build_optimizer, build_schedule, current_lr
+from dsnet.train.precision import Precision
+from dsnet.train.stages import loader_options, make_runner
 from tests.test_model import small_model
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -240,7 +240,7 @@ def test_log_interval_prints_progress_within_an_epoch(tmp_path):
 
 
 def test_start_epoch_and_no_resume_opt(tmp_path):
-    from dsnet.engine import CheckpointHook
+    from dsnet.train.engine import CheckpointHook
     base = dict(dataset="synthetic", synthetic_size=64, num_classes=10, img_size=28,
                 model="ds_mbnet_small", model_ema=False, epochs=3)
     first = run_stage(stage_cfg(**base, start_epoch=2), hooks=[CheckpointHook(tmp_path)])
@@ -257,7 +257,7 @@ def test_start_epoch_and_no_resume_opt(tmp_path):
 
 
 def _resumed_runner(cfg):
-    from dsnet import engine
+    from dsnet.train import engine
     captured = {}
     real = engine._epoch_loop
 

@@ -24,7 +24,9 @@ import pytest
 import torch
 
 import dsnet
-from dsnet.checkpoint import (
+from dsnet.config import load_pipeline_config, stage_config_from_dict
+from dsnet.data.datasets import DataBundle, DataError
+from dsnet.models.checkpoint import (
     CheckpointError,
     atomic_torch_save,
     previous_path,
@@ -32,9 +34,7 @@ from dsnet.checkpoint import (
     rotate_save,
     rotation_candidates,
 )
-from dsnet.config import load_pipeline_config, stage_config_from_dict
-from dsnet.data import DataBundle, DataError
-from dsnet.engine import CheckpointHook, Hook, build_model, run_stage
+from dsnet.train.engine import CheckpointHook, Hook, build_model, run_stage
 from pipelines import full, supernet
 from pipelines.runtime import REPO_ROOT
 from pipelines.stage import (
@@ -214,7 +214,7 @@ def test_nan_loss_in_epoch_2_keeps_epoch_1_checkpoint(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The loss turns NaN in the second epoch: the stage stops naming epoch and batch, and
     the checkpoint on disk is still the first epoch's (no NaN checkpoint is ever written)."""
-    import dsnet.stages as stages
+    import dsnet.train.stages as stages
 
     poisoned = []
     real_loss = stages.label_smoothing_ce

@@ -11,9 +11,8 @@ import torch
 from torch.utils.data import DataLoader
 
 import dsnet
-from dsnet.checkpoint import atomic_torch_save
-from dsnet.data import TensorImageDataset
-from dsnet.evaluate import (
+from dsnet.data.datasets import TensorImageDataset
+from dsnet.eval.evaluate import (
     evaluate_dynamic,
     evaluate_routing,
     evaluate_subnets,
@@ -23,6 +22,7 @@ from dsnet.evaluate import (
     routing_rows,
     write_results,
 )
+from dsnet.models.checkpoint import atomic_torch_save
 
 
 @pytest.fixture(scope="module")

@@ -86,7 +86,7 @@ def test_resolve_local_and_uri(tmp_path: Path, s3_env: dict[str, str]) -> None:
 
 def test_remote_file_operations(s3_env: dict[str, str], tmp_path: Path) -> None:
     """Write, read, hash (streamed), upload, download and delete on the S3 server."""
-    from dsnet.checkpoint import file_sha256
+    from dsnet.models.checkpoint import file_sha256
 
     storage = RunStorage.resolve(f"s3://{BUCKET}/ops", "r")
     storage.check_writable()

@@ -299,7 +299,7 @@ def tiny_supernet(tmp_path_factory: pytest.TempPathFactory) -> Path:
     import torch
 
     from dsnet.config import load_pipeline_config
-    from dsnet.engine import CheckpointHook, run_stage
+    from dsnet.train.engine import CheckpointHook, run_stage
 
     folder = tmp_path_factory.mktemp("supernet")
     cfg = load_pipeline_config(TINY, FAST_SET)

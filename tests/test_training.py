@@ -10,15 +10,21 @@ import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 
 import dsnet
-from dsnet.bn_calibration import recalibrate_bn
 from dsnet.config import stage_config_from_dict
-from dsnet.data import DataBundle
-from dsnet.distributed import DistContext
-from dsnet.ema import ModelEma
-from dsnet.engine import CheckpointHook, Hook, run_stage
-from dsnet.losses import complexity_loss, label_smoothing_ce, sgs_loss, sgs_targets, soft_target_ce
-from dsnet.sampling import sandwich_subnets
-from dsnet.stages import make_runner, routing_space_for
+from dsnet.data.datasets import DataBundle
+from dsnet.train.bn_calibration import recalibrate_bn
+from dsnet.train.distributed import DistContext
+from dsnet.train.ema import ModelEma
+from dsnet.train.engine import CheckpointHook, Hook, run_stage
+from dsnet.train.losses import (
+    complexity_loss,
+    label_smoothing_ce,
+    sgs_loss,
+    sgs_targets,
+    soft_target_ce,
+)
+from dsnet.train.sampling import sandwich_subnets
+from dsnet.train.stages import make_runner, routing_space_for
 from tests.test_model import small_model
 
 
@@ -217,7 +223,7 @@ def tiny_supernet_cfg(**kw):
 
 def test_engine_checkpoints_resume_and_chain(tmp_path, monkeypatch):
     # Cut mnist5k to 512 training images so the two epochs stay fast.
-    import dsnet.engine as engine
+    import dsnet.train.engine as engine
 
     real = engine.build_data
 
@@ -250,7 +256,7 @@ def test_engine_checkpoints_resume_and_chain(tmp_path, monkeypatch):
 
 
 def test_nan_loss_stops_with_a_clear_error(monkeypatch):
-    import dsnet.stages as stages
+    import dsnet.train.stages as stages
 
     model = small_model()
     x, y = torch.randn(32, 1, 28, 28), torch.randint(0, 10, (32,))
@@ -258,20 +264,6 @@ def test_nan_loss_stops_with_a_clear_error(monkeypatch):
     monkeypatch.setattr(stages, "label_smoothing_ce", lambda *a, **k: torch.tensor(float("nan")))
     with pytest.raises(FloatingPointError, match="epoch 1 batch 0"):
         runner.train_epoch(0)
-
-
-def test_single_process_command_runs_three_stages(tmp_path, capsys):
-    from dsnet.train import main
-
-    code = main(["-c", "configs/tiny.yml", "--output", str(tmp_path), "--name", "t"])
-    assert code == 0
-    out = capsys.readouterr().out
-    assert "[supernet] epoch 1/1" in out and "[gate] epoch 1/1" in out and "dynamic" in out
-    results = tmp_path / "t" / "results"
-    for name in ("subnets.csv", "dynamic.csv", "accuracy_madds.png", "dsnet_final.pt"):
-        assert (results / name).is_file()
-    model, meta = dsnet.model_from_checkpoint(results / "dsnet_final.pt")
-    assert meta["stage"] == "gate" and model.routing_space == (0, 1, 2, 3)
 
 
 def test_ema_warmup_follows_early_weights():

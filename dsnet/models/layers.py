@@ -312,7 +312,7 @@ class AttentionHead(nn.Module):
 
 
 # ----------------------------------------------------------------------------- masked execution
-# The release's batched dynamic arithmetic (see dsnet.masked): one common width per part and
+# The release's batched dynamic arithmetic (see dsnet.models.masked): one common width per part and
 # a per-sample channel mask after every sliced layer. The supernet families build their masked
 # forwards from these primitives.
 

@@ -9,8 +9,9 @@ normalises with explicit element-wise ops. The masked-off channels cost as much 
 kept ones, so a batch costs what its widest width costs whatever the gate decides.
 
 Each supernet family runs its own masked tail (``model.masked_tail``, built from the
-primitives :func:`~dsnet.layers.channel_mask`, :func:`~dsnet.layers.masked_batch_norm` and
-:class:`~dsnet.layers.RoutedPart`). Two entry points share that arithmetic
+primitives :func:`~dsnet.models.layers.channel_mask`,
+:func:`~dsnet.models.layers.masked_batch_norm` and
+:class:`~dsnet.models.layers.RoutedPart`). Two entry points share that arithmetic
 (:func:`_masked_tail`):
 
 - :func:`masked_dynamic_forward` (no grad, eval mode): its logits equal
@@ -20,7 +21,7 @@ primitives :func:`~dsnet.layers.channel_mask`, :func:`~dsnet.layers.masked_batch
   release's straight-through estimator for gate training. The masks and BN statistics are
   built from the straight-through Gumbel one-hot, so the slimming head gets gradients
   through every masked layer; forward values equal the tails estimator's
-  (:meth:`dsnet.model.DSSupernet.forward_dynamic`) for the same Gumbel noise.
+  (:meth:`dsnet.models.mbnet.DSSupernet.forward_dynamic`) for the same Gumbel noise.
 """
 
 from __future__ import annotations
@@ -28,8 +29,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from dsnet.layers import RoutedPart, channel_mask, masked_batch_norm
-from dsnet.model import DSSupernet, DynamicOutput, gumbel_sample
+from dsnet.models.layers import RoutedPart, channel_mask, masked_batch_norm
+from dsnet.models.supernet import DSSupernet, DynamicOutput, gumbel_sample
 
 _Routed = RoutedPart  # the earlier private name
 
@@ -39,8 +40,8 @@ __all__ = ["channel_mask", "masked_batch_norm", "masked_dynamic_forward", "maske
 
 def routed_parts(model: DSSupernet, onehot: torch.Tensor,
                  full_width: bool = False) -> list[RoutedPart]:
-    """One :class:`~dsnet.layers.RoutedPart` per stage from the gate stage on
-    (:meth:`~dsnet.model.DSSupernet.routed_parts`)."""
+    """One :class:`~dsnet.models.layers.RoutedPart` per stage from the gate stage on
+    (:meth:`~dsnet.models.mbnet.DSSupernet.routed_parts`)."""
     return model.routed_parts(onehot, full_width)
 
 

@@ -14,8 +14,8 @@ from collections.abc import Iterable, Iterator, Sequence
 import torch
 from torch import nn
 
-from dsnet.arch import Subnet
-from dsnet.distributed import DistContext
+from dsnet.models.arch import Subnet
+from dsnet.train.distributed import DistContext
 
 _BatchNorm = nn.modules.batchnorm._BatchNorm
 
@@ -44,7 +44,7 @@ def bn_calibration_mode(model: nn.Module) -> Iterator[list[_BatchNorm]]:
 
 def _touched_stats(model: nn.Module, subnet: Subnet, x: torch.Tensor) -> list[_BatchNorm]:
     """The per-width statistics modules a subnet's forward reads (found by a dry run)."""
-    from dsnet.layers import DSBatchNorm2d
+    from dsnet.models.layers import DSBatchNorm2d
 
     touched: list[_BatchNorm] = []
     hooks = [m.register_forward_pre_hook(

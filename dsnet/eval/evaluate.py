@@ -9,10 +9,10 @@ from typing import Any
 
 import torch
 
-from dsnet.arch import Subnet
-from dsnet.atomic import atomic_copy, atomic_write, atomic_write_text
-from dsnet.distributed import DistContext
-from dsnet.madds import count_madds, routing_madds
+from dsnet.models.arch import Subnet
+from dsnet.models.madds import count_madds, routing_madds
+from dsnet.train.distributed import DistContext
+from dsnet.utils.atomic import atomic_copy, atomic_write, atomic_write_text
 
 
 def topk_correct(logits: torch.Tensor, target: torch.Tensor, k: int) -> torch.Tensor:
@@ -267,7 +267,7 @@ def write_results(results_dir: str | Path, result: Any, final_checkpoint: str | 
 
     Args:
         results_dir: target folder (created).
-        result: a :class:`dsnet.engine.StageResult` (or its dict) with ``subnets`` and
+        result: a :class:`dsnet.train.engine.StageResult` (or its dict) with ``subnets`` and
             ``dynamic`` (whose ``routing`` comes from :func:`evaluate_routing`).
         final_checkpoint: the checkpoint copied to ``dsnet_final.pt``.
         images: validation images (N, C, H, W) by dataset index, for the grids of

@@ -24,11 +24,11 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from dsnet.arch import Subnet
-from dsnet.layers import AttentionHead, DSBatchNorm2d, DSConv2d, DSLinear, Swish, fresh_mul
+from dsnet.models.arch import Subnet
+from dsnet.models.layers import AttentionHead, DSBatchNorm2d, DSConv2d, DSLinear, Swish, fresh_mul
 
 if TYPE_CHECKING:  # type hints only: the supernets import this module
-    from dsnet.model import DSSupernet
+    from dsnet.models.supernet import DSSupernet
 
 
 class StaticAttention(nn.Module):

@@ -1,7 +1,7 @@
 """Datasets and per-rank data loaders for DS-Net training, evaluation and benchmarks.
 
 The default dataset, ``fashion_mnist``, is a class-balanced 25,000-image subset of
-Zalando's Fashion-MNIST packed inside dsnet (``dsnet/assets/fashion_mnist``: 20,000 training
+Zalando's Fashion-MNIST packed inside dsnet (``dsnet/data/assets/fashion_mnist``: 20,000 training
 images from the official train split, 5,000 validation images from the official test split,
 as the official gzip-compressed IDX files; MIT licence beside them). Its classes differ in
 difficulty (trousers and bags are easy, shirts and pullovers hard), which is what a gate

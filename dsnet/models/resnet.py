@@ -8,7 +8,7 @@ stage. From the gate stage on, each bottleneck's inner width (the 1x1 -> 3x3 -> 
 channels) is sliced to the subnet's width, and so is the block output (residual) width,
 ``expansion`` times the inner one (``slice_residual``, the default of the registered
 models). Every BatchNorm keeps running statistics per width
-(:class:`~dsnet.layers.DSBatchNorm2d`); with the residual sliced, each per-width statistic
+(:class:`~dsnet.models.layers.DSBatchNorm2d`); with the residual sliced, each per-width statistic
 sees one subnet's inputs only. Without it (``slice_residual=False``) the residual stream's
 BatchNorms (``bn3``, the projections) have one width and therefore one set of statistics
 for every subnet, whose inputs differ: measured, that costs the slim subnets 16 points
@@ -30,8 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dsnet.arch import DS_RESNET50, DS_RESNET_SMALL, ResNetSpec
-from dsnet.export import (
+from dsnet.models.arch import DS_RESNET50, DS_RESNET_SMALL, ResNetSpec
+from dsnet.models.export import (
     StaticBottleneck,
     StaticGate,
     StaticResTrunk,
@@ -42,7 +42,7 @@ from dsnet.export import (
     copy_linear,
     resnet_sequence,
 )
-from dsnet.layers import (
+from dsnet.models.layers import (
     AttentionHead,
     DSBatchNorm2d,
     DSConv2d,
@@ -51,10 +51,10 @@ from dsnet.layers import (
     fresh_add,
     fresh_relu,
 )
-from dsnet.madds import Width, conv_out_size
-from dsnet.model import DSSupernet, init_weights
-from dsnet.pretrained import plain_to_supernet_state
-from dsnet.registry import register_model
+from dsnet.models.madds import Width, conv_out_size
+from dsnet.models.pretrained import plain_to_supernet_state
+from dsnet.models.registry import register_model
+from dsnet.models.supernet import DSSupernet, init_weights
 
 
 def _masked_bn(bn: DSBatchNorm2d, x: torch.Tensor, part: RoutedPart | None) -> torch.Tensor:
@@ -128,7 +128,7 @@ class DSBottleneck(nn.Module):
         return fresh_relu(fresh_add(y, identity))
 
     def export(self, c_in: int, width: int, c_out: int) -> StaticBottleneck:
-        """A plain :class:`~dsnet.export.StaticBottleneck` holding copies at these widths."""
+        """A plain :class:`~dsnet.models.export.StaticBottleneck` holding copies at these widths."""
         downsample = None
         if self.downsample is not None:
             downsample = nn.Sequential(copy_conv(self.downsample[0], c_out, c_in),
@@ -171,7 +171,7 @@ class DSResStage(nn.ModuleList):
 
 class DSResNet(DSSupernet):
     """A dynamic slimmable ResNet (see the module docstring); call it as any
-    :class:`~dsnet.model.DSSupernet`.
+    :class:`~dsnet.models.mbnet.DSSupernet`.
 
     Args:
         arch: the architecture.

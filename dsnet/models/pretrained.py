@@ -2,7 +2,7 @@
 
 A DS-ResNet uses torchvision's module names, so a torchvision or timm ResNet-50 state dict
 (``torch.save(resnet.state_dict(), path)``) maps onto it key by key. The differences are
-the per-width BatchNorms (:class:`~dsnet.layers.DSBatchNorm2d`): a plain ``bn1.weight``
+the per-width BatchNorms (:class:`~dsnet.models.layers.DSBatchNorm2d`): a plain ``bn1.weight``
 becomes the shared affine ``bn1.aux_bn.{last}.weight``, and the plain running statistics
 become the widest width's; every narrower width starts from their first ``n`` entries
 (exact for a BatchNorm after a convolution whose inputs do not slim, a start for the
@@ -20,8 +20,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from dsnet.checkpoint import CheckpointError, extract_state_dict, read_checkpoint
-from dsnet.layers import DSBatchNorm2d
+from dsnet.models.checkpoint import CheckpointError, extract_state_dict, read_checkpoint
+from dsnet.models.layers import DSBatchNorm2d
 
 _BN_STATS = ("running_mean", "running_var")
 

@@ -85,7 +85,7 @@ class DistContext:
         Outside autograd (a parameter would otherwise carry an autograd-less c10d op into
         its next backward, with a warning). c10d writes behind autograd's back, so each
         tensor's version counter is bumped as an in-place op would: caches keyed on it
-        (:class:`dsnet.layers.SliceCache`) see the new values. A tensor off the device is
+        (:class:`dsnet.models.layers.SliceCache`) see the new values. A tensor off the device is
         broadcast through a copy on it.
         """
         if not self.distributed:

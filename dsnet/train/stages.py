@@ -14,33 +14,33 @@ from typing import Any
 import torch
 from torch import nn
 
-from dsnet.bn_calibration import recalibrate_bn
 from dsnet.config import StageConfig
-from dsnet.data import DataBundle, build_loader, build_mixup, set_loader_epoch
-from dsnet.distributed import DistContext
-from dsnet.ema import ModelEma
-from dsnet.engine import save_stage_checkpoint
-from dsnet.evaluate import (
+from dsnet.data.datasets import DataBundle, build_loader, build_mixup, set_loader_epoch
+from dsnet.eval.evaluate import (
     evaluate_dynamic,
     evaluate_routing,
     evaluate_subnet,
     evaluate_subnets,
     oracle_point,
 )
-from dsnet.losses import (
+from dsnet.models.madds import expected_madds, masked_expected_madds, routing_madds
+from dsnet.models.masked import masked_train_forward
+from dsnet.models.pretrained import load_pretrained
+from dsnet.models.supernet import DynamicOutput
+from dsnet.train.bn_calibration import recalibrate_bn
+from dsnet.train.distributed import DistContext
+from dsnet.train.ema import ModelEma
+from dsnet.train.engine import save_stage_checkpoint
+from dsnet.train.losses import (
     complexity_loss,
     label_smoothing_ce,
     sgs_loss,
     sgs_targets,
     soft_target_ce,
 )
-from dsnet.madds import expected_madds, masked_expected_madds, routing_madds
-from dsnet.masked import masked_train_forward
-from dsnet.model import DynamicOutput
-from dsnet.optim import LRSchedule, build_optimizer, build_schedule, current_lr
-from dsnet.precision import Precision
-from dsnet.pretrained import load_pretrained
-from dsnet.sampling import sandwich_subnets
+from dsnet.train.optim import LRSchedule, build_optimizer, build_schedule, current_lr
+from dsnet.train.precision import Precision
+from dsnet.train.sampling import sandwich_subnets
 
 
 def loader_options(cfg: StageConfig, device: torch.device) -> dict[str, Any]:

@@ -6,7 +6,7 @@ groups``, the attention heads' 1x1 convolutions (on a 1x1 map), every average po
 pooling, residual sums and the attention multiply are free. The count is analytic (no
 forward pass), so it is exact and cheap for any input size. Each supernet family counts
 its own topology (``model.widths_madds``; DS-MBNet's is :func:`widths_madds` here, the
-DS-ResNets' in :mod:`dsnet.resnet`); the functions below work for every model.
+DS-ResNets' in :mod:`dsnet.models.resnet`); the functions below work for every model.
 
 Widths may also be tensors (one width per sample): every layer's count multiplies its
 running input and output widths, which is how the release's gate-training complexity term
@@ -19,8 +19,8 @@ from collections.abc import Sequence
 
 import torch
 
-from dsnet.arch import ArchSpec, Subnet
-from dsnet.layers import make_divisible
+from dsnet.models.arch import ArchSpec, Subnet
+from dsnet.models.layers import make_divisible
 
 Width = int | torch.Tensor  # an exact int, or a float tensor (B,) of per-sample widths
 

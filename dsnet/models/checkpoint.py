@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from dsnet.atomic import atomic_write
+from dsnet.utils.atomic import atomic_write
 
 FORMAT = "dsnet-checkpoint"
 FORMAT_VERSION = 1
@@ -32,7 +32,7 @@ class CheckpointError(ValueError):
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
-    """``torch.save`` to ``path`` atomically and durably (:func:`dsnet.atomic.atomic_write`)."""
+    """``torch.save`` to ``path`` atomically and durably (``dsnet.utils.atomic.atomic_write``)."""
     atomic_write(path, lambda f: torch.save(obj, f), binary=True, fsync=True)
 
 
@@ -242,7 +242,7 @@ def _apply_routing_space(model: nn.Module, ckpt: Mapping[str, Any],
 
 def versions() -> dict[str, str]:
     """Versions recorded with every checkpoint and run."""
-    from dsnet import __version__
+    from dsnet.version import __version__
 
     return {"dsnet": __version__, "torch": str(torch.__version__),
             "python": platform.python_version()}
@@ -297,7 +297,7 @@ def model_from_checkpoint(path: str | os.PathLike, use_ema: bool = False,
     Returns:
         ``(model, checkpoint_dict)``.
     """
-    from dsnet.registry import create_model
+    from dsnet.models.registry import create_model
 
     ckpt = read_checkpoint(path)
     if ckpt.get("format") != FORMAT or not ckpt.get("model_name"):

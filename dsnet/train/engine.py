@@ -20,7 +20,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from dsnet.checkpoint import (
+from dsnet.config import StageConfig, config_to_dict
+from dsnet.data.datasets import DataBundle, DataError, build_datasets, check_num_classes
+from dsnet.models.checkpoint import (
     CheckpointError,
     extract_state_dict,
     load_state_dict_checked,
@@ -28,10 +30,8 @@ from dsnet.checkpoint import (
     rotate_save,
     save_checkpoint,
 )
-from dsnet.config import StageConfig, config_to_dict
-from dsnet.data import DataBundle, DataError, build_datasets, check_num_classes
-from dsnet.distributed import DistContext
-from dsnet.registry import create_model
+from dsnet.models.registry import create_model
+from dsnet.train.distributed import DistContext
 
 STAGE_ORDER = ("supernet", "reset_bn", "gate")
 
@@ -104,7 +104,7 @@ class CheckpointHook(Hook):
     """Writes ``<folder>/checkpoint.pt`` (latest epoch) on rank 0, atomically.
 
     With ``keep_previous`` the epoch before stays as ``checkpoint.prev.pt``
-    (:func:`~dsnet.checkpoint.rotate_save`): something to resume from should the latest
+    (:func:`~dsnet.models.checkpoint.rotate_save`): something to resume from should the latest
     file be damaged.
     """
 
@@ -204,7 +204,7 @@ def run_stage(cfg: StageConfig, *, dist: DistContext | None = None, hooks: Seque
     Returns:
         The stage's final metrics (and, for reset_bn/gate, the subnet and dynamic tables).
     """
-    from dsnet.stages import make_runner
+    from dsnet.train.stages import make_runner
 
     if cfg.threads > 0:  # oversubscribed cores make torch's spinning threads crawl
         torch.set_num_threads(cfg.threads)
