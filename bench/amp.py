@@ -5,7 +5,7 @@ Run from the repository root::
     .venv/bin/python bench/amp.py                 # 3 epochs each, ~3 minutes on 2 CPU cores
     .venv/bin/python bench/amp.py --epochs 1 --device cuda
 
-Trains Stage I of ``configs/tiny.yml`` in this process (no Ray) twice from the same seed,
+Trains Stage I of ``dsnet/configs/tiny.yml`` in this process (no Ray) twice from the same seed,
 ``amp: false`` and ``amp: true`` (bfloat16 on CPU, float16 + GradScaler on CUDA), and
 reports each run's final loss, the largest and the smallest subnet's top-1, wall time and
 training throughput. Goal: the loss stays finite and the largest network's top-1 is within
@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 from dsnet.config import apply_overrides, load_pipeline_config
+from dsnet.configs import CONFIG_DIR
 from dsnet.train.engine import run_stage
 from dsnet.utils.atomic import atomic_write_text
 
@@ -32,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def train_once(amp: bool, epochs: int, device: str) -> dict:
     """One supernet run of the tiny config; its final metrics and wall time."""
-    cfg = load_pipeline_config(ROOT / "configs" / "tiny.yml").stages["supernet"]
+    cfg = load_pipeline_config(CONFIG_DIR / "tiny.yml").stages["supernet"]
     apply_overrides(cfg, [f"amp={str(amp).lower()}", f"epochs={epochs}", f"device={device}"])
     t0 = time.perf_counter()
     metrics = run_stage(cfg).metrics

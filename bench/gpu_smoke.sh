@@ -3,7 +3,7 @@
 #
 #   bash bench/gpu_smoke.sh [OUT_DIR]      # OUT_DIR default: a new temporary folder
 #
-# 1. configs/tiny.yml's three stages on Ray Train with --use-gpu and amp (float16 +
+# 1. dsnet/configs/tiny.yml's three stages on Ray Train with --use-gpu and amp (float16 +
 #    GradScaler), on 2 workers (NCCL, one GPU each) when 2+ GPUs are listed, else 1:
 #    every collective of a GPU run, validation's counters included, takes this path.
 # 2. bench/inference.py --devices cuda --quick: the slicing, grouped and masked forwards.
@@ -52,7 +52,7 @@ step "environment" 30 "$PY" -c "import torch, ray; print('torch', torch.__versio
 export RAY_USAGE_STATS_ENABLED=0 RAY_TMPDIR="${RAY_TMPDIR:-/tmp/ray-smoke}"
 mkdir -p "$RAY_TMPDIR"
 step "pipeline (tiny, $WORKERS GPU worker(s), amp)" "$PIPELINE_S" \
-    "$PY" -m pipelines.full -c configs/tiny.yml --output "$OUT_DIR" --name smoke \
+    "$PY" -m pipelines.full -c dsnet/configs/tiny.yml --output "$OUT_DIR" --name smoke \
     --use-gpu --num-workers "$WORKERS" --set amp=true
 for f in subnets.csv dynamic.csv dsnet_final.pt; do
     [[ -s "$OUT_DIR/smoke/results/$f" ]] || { echo "missing $OUT_DIR/smoke/results/$f" >&2; exit 1; }

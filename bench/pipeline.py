@@ -10,7 +10,7 @@ Usage (from the repo root)::
    ``TorchTrainer`` (gloo process group) and as a plain ``DataParallelTrainer`` (no process
    group: the difference is the process-group set-up), with the Train controller's health
    check at Ray's default (2 s) and at 0.1 s; plus ``ScalingConfig(num_workers=0)``.
-2. The pipeline (default ``configs/default.yml``) through Ray, then the same stages with
+2. The pipeline (default ``dsnet/configs/default.yml``) through Ray, then the same stages with
    the same settings in-process (``ray.num_workers=0``). Per stage: wall time of each, and
    on Ray where the time went: worker-group start-up (``fit()`` called -> training function
    entered), the stage itself on rank 0, tear-down, and the overhead (wall - stage).
@@ -41,6 +41,7 @@ from ray.train import RunConfig, ScalingConfig  # noqa: E402
 from ray.train.torch import TorchTrainer  # noqa: E402
 from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer  # noqa: E402
 
+from dsnet.configs import CONFIG_DIR
 from pipelines.cli import execute, full_parser, plan_full  # noqa: E402
 from pipelines.runtime import HEALTH_CHECK_ENV, REPO_ROOT  # noqa: E402
 
@@ -158,7 +159,7 @@ def print_table(rows: list[dict[str, Any]], workers: int) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m bench.pipeline", description=__doc__.split("\n")[0])
-    p.add_argument("-c", "--config", default=str(REPO_ROOT / "configs" / "default.yml"))
+    p.add_argument("-c", "--config", default=str(CONFIG_DIR / "default.yml"))
     p.add_argument("--set", dest="overrides", action="append", default=[])
     p.add_argument("--num-workers", type=int, help="Ray workers (default: the config's)")
     p.add_argument("--skip-startup", action="store_true")

@@ -3,7 +3,7 @@
 Three dataclasses hold every setting:
 
 * :class:`StageConfig`: one stage (``supernet``, ``reset_bn`` or ``gate``). It holds every
-  key of the authors' three YAML files (``configs/mobilenetv1_bn_uniform*.yml``; a key
+  key of the authors' three YAML files (``dsnet/configs/mobilenetv1_bn_uniform*.yml``; a key
   spelled with ``-`` such as ``drop-path`` is the field ``drop_path``) plus dsnet's own.
 * :class:`RayConfig`: how the Ray layer spreads a stage over workers.
 * :class:`PipelineConfig`: a name, an output folder, a :class:`RayConfig` and the three

@@ -28,7 +28,7 @@ stage config (use a new ``--name``).
 On a cluster::
 
     ray job submit --address http://HEAD:8265 --working-dir . -- \\
-        python -m pipelines.full -c configs/default.yml --output /shared/runs
+        python -m pipelines.full -c dsnet/configs/default.yml --output /shared/runs
 
 Inside a job ``RAY_ADDRESS`` is set and the command attaches to the cluster (the driver
 reserves no CPU). The upload of ``--working-dir`` skips what ``.gitignore`` and

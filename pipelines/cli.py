@@ -40,6 +40,7 @@ from dsnet.config import (
     ray_config_from_dict,
     validate_ray,
 )
+from dsnet.configs import CONFIG_DIR, find_config
 from dsnet.data.datasets import DataError, check_num_classes, dataset_num_classes
 from dsnet.eval.evaluate import format_table, write_results
 from dsnet.models.checkpoint import CheckpointError, read_checkpoint
@@ -48,7 +49,6 @@ from dsnet.train.engine import check_stage_order, validation_images
 from dsnet.train.stages import routing_space_for
 from pipelines.run_record import RunRecord
 from pipelines.runtime import (
-    REPO_ROOT,
     RaySession,
     ResourceError,
     attaching,
@@ -61,7 +61,7 @@ from pipelines.runtime import (
 from pipelines.stage import StageFailed, error_summary, run_stages
 from pipelines.storage import RunStorage, StorageError
 
-DEFAULT_CONFIG = REPO_ROOT / "configs" / "default.yml"
+DEFAULT_CONFIG = CONFIG_DIR / "default.yml"
 # Datasets read from ``data``; the others are built in memory.
 _FOLDER_DATASETS = ("imagenet", "imagefolder", "cifar10", "cifar100")
 
@@ -116,8 +116,9 @@ def full_parser() -> argparse.ArgumentParser:
     """The parser of ``python -m pipelines.full``."""
     p = CommandParser(prog="python -m pipelines.full",
                 description="DS-Net's three stages (supernet -> reset_bn -> gate) on Ray.")
-    p.add_argument("-c", "--config", default=str(DEFAULT_CONFIG),
-                   help="pipeline YAML (default: configs/default.yml)")
+    p.add_argument("-c", "--config", default=str(DEFAULT_CONFIG), type=find_config,
+                   help="pipeline YAML, a path or a shipped config's name such as 'tiny' "
+                        "(default: dsnet/configs/default.yml)")
     p.add_argument("--data", metavar="PATH", help="dataset folder, for every stage")
     _add_common(p)
     return p
@@ -127,7 +128,8 @@ def stage_parser(stage: str) -> argparse.ArgumentParser:
     """The parser of ``python -m pipelines.<stage>`` (the authors' command line)."""
     p = CommandParser(prog=f"python -m pipelines.{stage}",
                 description=f"DS-Net's {stage} stage on Ray (the authors' YAMLs work as-is).")
-    p.add_argument("-c", "--config", required=True, help="stage YAML")
+    p.add_argument("-c", "--config", required=True, type=find_config,
+                   help="stage YAML: a path or a shipped config's name")
     p.add_argument("data", nargs="?", metavar="DATA_PATH", help="dataset folder")
     p.add_argument("--resume", metavar="CKPT",
                    help="input checkpoint (the previous stage's, or the authors' release)")

@@ -13,7 +13,7 @@ there, and every node is checked to reach it before training. ``--num-workers 0`
 every stage in this process without Ray. On a cluster::
 
     ray job submit --address http://HEAD:8265 --working-dir . -- \\
-        python -m pipelines.full -c configs/default.yml --output /shared/runs
+        python -m pipelines.full -c dsnet/configs/default.yml --output /shared/runs
 """
 
 from __future__ import annotations

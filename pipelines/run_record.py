@@ -9,59 +9,18 @@ same name reads it to skip finished stages whose checkpoint is still intact.
 from __future__ import annotations
 
 import json
-import math
 import os
-import platform
 import shlex
-import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import ray
-import torch
-
-import dsnet
 from dsnet.config import ConfigError, RayConfig, StageConfig, config_to_dict
-from dsnet.utils.atomic import atomic_write
+from dsnet.utils.provenance import json_text, now, versions
 from pipelines.storage import RunStorage, as_storage
 
 RUN_FILE = "run.json"
 STATUSES = ("pending", "running", "done", "failed")
-
-
-def versions() -> dict[str, str]:
-    """Versions recorded with a run."""
-    return {"dsnet": dsnet.__version__, "torch": str(torch.__version__),
-            "ray": ray.__version__, "python": platform.python_version(),
-            # which copy ran: an installed package, a checkout, or a job's working_dir
-            "dsnet_source": os.path.dirname(os.path.abspath(dsnet.__file__))}
-
-
-def _now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
-
-
-def _finite(obj: Any) -> Any:
-    """NaN and infinities -> None: strict JSON has no spelling for them."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, Mapping):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_finite(v) for v in obj]
-    return obj
-
-
-def json_text(data: Mapping[str, Any]) -> str:
-    """Strict JSON (NaN and infinities as null), indented."""
-    return json.dumps(_finite(data), indent=2, allow_nan=False, default=str) + "\n"
-
-
-def atomic_write_json(path: Path, data: Mapping[str, Any]) -> None:
-    """Write strict JSON to a temporary file in the same folder, then rename it over ``path``."""
-    text = json_text(data)
-    atomic_write(path, lambda f: f.write(text))
 
 
 class RunRecord:
@@ -96,7 +55,7 @@ class RunRecord:
             rec = cls(storage, json.loads(text))
             rec._check_configs(stages)
         else:
-            rec = cls(storage, {"name": storage.name, "created": _now(),
+            rec = cls(storage, {"name": storage.name, "created": now(),
                                 "stages": {s: {"status": "pending"} for s in stages}})
         rec.data.update(command=shlex.join(command), cwd=os.getcwd(), run_dir=str(storage),
                         versions=versions(),
@@ -132,7 +91,7 @@ class RunRecord:
 
     def save(self) -> None:
         """Write ``run.json`` atomically."""
-        self.data["updated"] = _now()
+        self.data["updated"] = now()
         self.storage.write_text(self.storage.path(RUN_FILE), json_text(self.data))
 
     def done_checkpoint(self, name: str) -> str | None:

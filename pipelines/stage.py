@@ -63,6 +63,7 @@ from dsnet.train.engine import (
     format_report,
     run_stage,
 )
+from dsnet.utils.provenance import now, to_builtins
 from pipelines.run_record import RunRecord, checkpoint_fields
 from pipelines.runtime import RaySession, worker_cpus, worker_gpus
 from pipelines.storage import RunStorage, as_storage
@@ -285,19 +286,6 @@ def reported_checkpoint_files() -> list[Path]:
 # ----------------------------------------------------------------------------- workers
 
 
-def _jsonable(obj: Any) -> Any:
-    """Builtins only (tensors and numpy scalars -> numbers), so results pickle and serialise."""
-    if isinstance(obj, Mapping):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_jsonable(v) for v in obj]
-    if obj is None or isinstance(obj, bool | int | float | str):
-        return obj
-    if hasattr(obj, "item"):
-        return obj.item()
-    return str(obj)
-
-
 @contextlib.contextmanager
 def _latest_checkpoint(stage: str, log: Callable[[str], None] | None, distrust: Collection[str],
                        storage: RunStorage) -> Iterator[tuple[Path | None, str | None,
@@ -367,7 +355,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
                for c in config.get("chain") or ()]
     if dist.rank != 0:
         return None
-    out = _jsonable(result.to_dict())
+    out = to_builtins(result.to_dict())
     out["resumed_from"] = ref
     out["corrupt_checkpoints"] = corrupt
     out["timing"] = {"entered": entered, "loop_s": loop_s}
@@ -394,7 +382,7 @@ def _run_chained(cfg: StageConfig, dist: DistContext, storage: RunStorage) -> di
     if dist.rank != 0:
         return {}
     return {"stage": cfg.stage, "checkpoint": hook.ref, "init_from": init_ref,
-            "result": _jsonable(result.to_dict()), "wall_s": time.time() - t0}
+            "result": to_builtins(result.to_dict()), "wall_s": time.time() - t0}
 
 
 @contextlib.contextmanager
@@ -526,7 +514,7 @@ def fit_stage_locally(cfg: StageConfig, run_dir: Path, init_from: str | None,
     result = run_stage(cfg, hooks=hooks, resume_from=resume_from, init_from=init_from)
     if not ckpt.is_file():
         raise CheckpointError(f"the {cfg.stage} stage finished without writing {ckpt}")
-    out = _jsonable(result.to_dict())
+    out = to_builtins(result.to_dict())
     out["resumed_from"] = str(resume_from) if resume_from else None
     out["corrupt_checkpoints"] = corrupt
     return {"checkpoint": str(ckpt), "result": out}
@@ -593,7 +581,7 @@ def run_one_stage(record: RunRecord, cfg: StageConfig, ray_cfg: RayConfig,
     if _needs_fresh_start(record.stage(name), init_sha, damaged):
         storage.delete_dir(storage.path(name))
         distrust = []
-    record.update(name, status="running", started=_now(), init_from=init_from,
+    record.update(name, status="running", started=now(), init_from=init_from,
                   init_from_sha256=init_sha, error=None, distrust=distrust,
                   attempts=record.stage(name).get("attempts", 0) + 1)
     for follow in chain:  # their old outputs came from the old input: start them over
@@ -650,17 +638,13 @@ def _record_chained(record: RunRecord, after: str, item: Mapping[str, Any]) -> N
                  attempts=record.stage(name).get("attempts", 0) + 1)
 
 
-def _now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S")
-
-
 def _record_done(record: RunRecord, name: str, out: Mapping[str, Any], wall_s: float,
                  **fields: Any) -> None:
     """Record a finished stage: checkpoint (size, SHA-256), metrics, result, timing and any
     other ``fields``, in one write of ``run.json``."""
     result = dict(out["result"] or {})
     timing = result.pop("timing", None)
-    record.update(name, status="done", wall_s=round(wall_s, 3), finished=_now(),
+    record.update(name, status="done", wall_s=round(wall_s, 3), finished=now(),
                   metrics=result.get("metrics"), result=result,
                   epochs_run=result.get("epochs_run"), resumed_from=result.get("resumed_from"),
                   corrupt_checkpoints=result.get("corrupt_checkpoints") or [],

@@ -7,7 +7,7 @@ Usage::
                               [--supernet CHECKPOINT] [--num-samples K]
                               [--max-concurrent N] [--set KEY=VALUE ...] [--debug]
 
-With no arguments: ``configs/sweep_default.yml`` on the embedded ``fashion_mnist`` data. The
+With no arguments: ``dsnet/configs/sweep_default.yml`` on the embedded ``fashion_mnist`` data. The
 sweep first trains (or reuses, when the sweep folder already has it) every distinct
 supernet the space needs, with its BN recalibration, through :func:`pipelines.stage.run_stages`
 (``supernet.*``/``reset_bn.*`` keys in the space make several; each is trained once and
@@ -38,7 +38,7 @@ non-dominated trials and the supernets' static subnets), ``pareto.png``, ``sweep
 supernet's static curve and the front's hypervolume); ``supernets/<id>/`` (pipeline
 run folders), ``trials/<trial_id>/`` (``trial.json`` and the Train run), ``tune/``.
 
-The sweep YAML (see ``configs/sweep_default.yml``): ``name``, ``output``, ``pipeline`` (the
+The sweep YAML (see ``dsnet/configs/sweep_default.yml``): ``name``, ``output``, ``pipeline`` (the
 base pipeline YAML, relative to the sweep file), ``set`` (overrides of that pipeline,
 ``--set`` syntax), ``ray`` (Ray settings of each trial, over the pipeline's), ``search``
 (grid | random | optuna), ``num_samples``, ``max_concurrent`` (null = as many as the free
@@ -82,10 +82,12 @@ from dsnet.config import (
     ray_config_from_dict,
     stage_config_from_dict,
 )
+from dsnet.configs import CONFIG_DIR, find_config
+from dsnet.utils.atomic import atomic_write_json
+from dsnet.utils.provenance import to_builtins
 from pipelines.cli import UsageError, report_failure
-from pipelines.run_record import RunRecord, atomic_write_json
+from pipelines.run_record import RunRecord
 from pipelines.runtime import (
-    REPO_ROOT,
     RaySession,
     check_resources,
     trap_sigterm,
@@ -98,7 +100,6 @@ from pipelines.sweep_config import (
     Dist,
     SweepConfig,
     load_sweep_config,
-    plain_value,
     suggest,
     typed_value,
 )
@@ -112,7 +113,7 @@ from pipelines.sweep_results import (
     write_outputs,
 )
 
-DEFAULT_SWEEP = REPO_ROOT / "configs" / "sweep_default.yml"
+DEFAULT_SWEEP = CONFIG_DIR / "sweep_default.yml"
 PROG = "python -m pipelines.sweep"
 SUPERNET_STAGES = ("supernet", "reset_bn")  # space keys of these define the shared supernet
 OBJECTIVES = {"top1": "max", "madds": "min"}  # the multi-objective search's targets
@@ -123,7 +124,7 @@ OBJECTIVES = {"top1": "max", "madds": "min"}  # the multi-objective search's tar
 
 def override_item(key: str, value: Any) -> str:
     """``KEY=VALUE`` for :func:`dsnet.config.apply_overrides` (JSON is valid YAML)."""
-    return f"{key}={json.dumps(plain_value(value))}"
+    return f"{key}={json.dumps(to_builtins(value))}"
 
 
 def _check_space_values(space: Mapping[str, Dist], pipeline: PipelineConfig,
@@ -232,7 +233,7 @@ def _check_search(cfg: SweepConfig) -> None:
 
 def supernet_values(values: Mapping[str, Any]) -> dict[str, Any]:
     """The supernet-side part of a trial's values (``supernet.*`` and ``reset_bn.*``)."""
-    return {k: plain_value(v) for k, v in sorted(values.items())
+    return {k: to_builtins(v) for k, v in sorted(values.items())
             if k.split(".", 1)[0] in SUPERNET_STAGES}
 
 
@@ -340,7 +341,7 @@ def gate_trial(config: dict[str, Any], setup: dict[str, Any]) -> None:
 
     trial_id = tune.get_context().get_trial_id()
     run_dir = Path(setup["sweep_dir"]) / "trials" / trial_id
-    values = {k: plain_value(v) for k, v in config.items()}
+    values = {k: to_builtins(v) for k, v in config.items()}
     sid = "given" if "given" in setup["supernets"] else supernet_id(values)
     record: dict[str, Any] = {"trial_id": trial_id, "values": values, "supernet": sid,
                               "status": "running", "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
@@ -559,8 +560,9 @@ def parser() -> argparse.ArgumentParser:
 
     p = CommandParser(prog=PROG, description="Ray Tune sweep of DS-Net gate training: "
                 "accuracy-vs-MAdds Pareto front.")
-    p.add_argument("-c", "--config", default=str(DEFAULT_SWEEP),
-                   help="sweep YAML (default: configs/sweep_default.yml)")
+    p.add_argument("-c", "--config", default=str(DEFAULT_SWEEP), type=find_config,
+                   help="sweep YAML, a path or a shipped config's name "
+                        "(default: dsnet/configs/sweep_default.yml)")
     p.add_argument("--output", metavar="DIR", help="parent folder of sweep folders")
     p.add_argument("--name", help="sweep folder name; re-using one resumes that sweep")
     p.add_argument("--supernet", metavar="CHECKPOINT",

@@ -1,6 +1,6 @@
 """Sweep configuration: the sweep YAML's typed schema, its validation and ``--set`` keys.
 
-A sweep file (``configs/sweep_default.yml``) names a base pipeline YAML, overrides of it,
+A sweep file (``dsnet/configs/sweep_default.yml``) names a base pipeline YAML, overrides of it,
 the Ray settings of each trial, the search (grid | random | optuna), ASHA early stopping
 and the ``space``: ``STAGE.KEY: {DIST: ARGS}``. :func:`load_sweep_config` reads and checks it
 all in one place (unknown keys with a suggestion, types, ranges, distributions), before
@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 
 from dsnet.config import ConfigError
-from pipelines.runtime import REPO_ROOT
+from dsnet.configs import CONFIG_DIR
 
 SEARCHES = ("grid", "random", "optuna")
 DISTRIBUTIONS = ("grid", "choice", "uniform", "loguniform")
@@ -59,7 +59,7 @@ class SweepConfig:
 
     name: str | None = None
     output: str = "results"
-    pipeline: str = str(REPO_ROOT / "configs" / "default.yml")
+    pipeline: str = str(CONFIG_DIR / "default.yml")
     set: list[str] = field(default_factory=list)
     ray: dict[str, Any] = field(default_factory=dict)
     search: str = "grid"
@@ -236,10 +236,3 @@ def load_sweep_config(path: str | Path, overrides: Sequence[str] = ()) -> SweepC
     cfg = sweep_config_from_dict(d, path.parent, str(path))
     cfg.set = [*cfg.set, *pipeline_items]
     return cfg
-
-
-def plain_value(value: Any) -> Any:
-    """Builtins only (numpy scalars from Tune's samplers -> Python numbers)."""
-    if isinstance(value, list | tuple):
-        return [plain_value(v) for v in value]
-    return value.item() if hasattr(value, "item") else value

@@ -24,10 +24,10 @@ from dsnet.config import (
 )
 from dsnet.eval.evaluate import interpolate_static, save_figure, static_madds_at
 from dsnet.eval.pareto import hypervolume, pareto_front, spearman
-from dsnet.utils.atomic import atomic_write_text
-from pipelines.run_record import atomic_write_json, versions
+from dsnet.utils.atomic import atomic_write_json, atomic_write_text
+from dsnet.utils.provenance import to_builtins, versions
 from pipelines.stage import error_summary
-from pipelines.sweep_config import Dist, SweepConfig, plain_value
+from pipelines.sweep_config import Dist, SweepConfig
 
 if TYPE_CHECKING:  # the plan is built in pipelines.sweep, which imports this module
     from pipelines.sweep import SweepPlan
@@ -82,7 +82,7 @@ def trial_rows(plan: SweepPlan, results: Any,
         status = _status(statuses.get(tid), r.error, final)
         error = rec.get("error") or (_one_line(r.error) if r.error is not None else None)
         row = {"trial_id": tid, "status": status, "supernet": rec.get("supernet")}
-        row.update({k: plain_value((r.config or {}).get(k)) for k in plan.cfg.space})
+        row.update({k: to_builtins((r.config or {}).get(k)) for k in plan.cfg.space})
         row.update({"top1": dyn.get("top1"), "top5": dyn.get("top5"), "madds": dyn.get("madds"),
                     "score": metrics.get("score") if final else None,
                     "choices": json.dumps(dyn["choices"]) if dyn.get("choices") else None,

@@ -20,9 +20,10 @@ from dsnet.config import (
     stage_config_from_dict,
     validate_stage,
 )
+from dsnet.configs import CONFIG_DIR
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = sorted((ROOT / "configs").glob("*.yml"))
+CONFIGS = sorted(CONFIG_DIR.glob("*.yml"))
 AUTHORS = {
     "mobilenetv1_bn_uniform.yml": "supernet",
     "mobilenetv1_bn_uniform_reset_bn.yml": "reset_bn",
@@ -67,7 +68,7 @@ def test_every_config_loads(path):
 
 @pytest.mark.parametrize("name,stage", AUTHORS.items())
 def test_authors_files_keep_their_values(name, stage):
-    cfg = load_stage_config(ROOT / "configs" / name)
+    cfg = load_stage_config(CONFIG_DIR / name)
     assert cfg.stage == stage
     assert cfg.model == "slimmable_mbnet_v1_bn_uniform"
     assert cfg.dataset == "imagenet"
@@ -84,7 +85,7 @@ def test_authors_files_keep_their_values(name, stage):
 
 
 def test_default_pipeline_values():
-    cfg = load_pipeline_config(ROOT / "configs" / "default.yml")
+    cfg = load_pipeline_config(CONFIG_DIR / "default.yml")
     sn, rb, gate = (cfg.stages[s] for s in STAGES)
     assert cfg.name == "default" and cfg.ray.num_workers == 2 and not cfg.ray.use_gpu
     assert (sn.dataset, sn.model, sn.seed) == ("fashion_mnist", "ds_mbnet_tiny", 42)
@@ -100,7 +101,7 @@ def test_default_pipeline_values():
 
 
 def test_imagenet_pipeline_uses_authors_files():
-    cfg = load_pipeline_config(ROOT / "configs" / "imagenet_ds_mbnet.yml")
+    cfg = load_pipeline_config(CONFIG_DIR / "imagenet_ds_mbnet.yml")
     assert cfg.ray.num_workers == 8 and cfg.ray.use_gpu
     assert [cfg.stages[s].epochs for s in STAGES] == [150, 30, 30]
     assert all(cfg.stages[s].data == "/path/to/imagenet" for s in STAGES)
@@ -326,14 +327,14 @@ def test_overrides_on_stage_config_errors():
 
 
 def test_config_to_dict_round_trip():
-    cfg = load_stage_config(ROOT / "configs" / "mobilenetv1_bn_uniform_gate.yml",
+    cfg = load_stage_config(CONFIG_DIR / "mobilenetv1_bn_uniform_gate.yml",
                             ["routing_space=[0, 1, 2, 3]", "eval_subnets=[0, 13]"])
     d = json.loads(json.dumps(config_to_dict(cfg)))
     assert stage_config_from_dict(d) == cfg
 
 
 def test_pipeline_round_trip():
-    cfg = load_pipeline_config(ROOT / "configs" / "default.yml")
+    cfg = load_pipeline_config(CONFIG_DIR / "default.yml")
     d = json.loads(json.dumps(config_to_dict(cfg)))
     assert set(d) == {"name", "output", "ray", "stages"}
     assert pipeline_config_from_dict(d) == cfg

@@ -55,7 +55,7 @@ def test_job_on_two_nodes_survives_losing_one(tmp_path: Path) -> None:
         job = subprocess.Popen(
             [str(BIN / "ray"), "job", "submit", "--address", cluster.url, "--working-dir", ".",
              "--runtime-env-json", json.dumps(RUNTIME_ENV), "--",
-             "python", "-m", "pipelines.full", "-c", "configs/tiny.yml", "--output", str(out),
+             "python", "-m", "pipelines.full", "-c", "dsnet/configs/tiny.yml", "--output", str(out),
              "--name", "mn", "--set", "ray.placement_strategy=STRICT_SPREAD",
              "--set", "ray.max_failures=3", "--set", f"supernet.epochs={EPOCHS}",
              *FAST_OVERRIDES],

@@ -18,13 +18,14 @@ from pathlib import Path
 import pytest
 
 from dsnet.config import config_to_dict, load_pipeline_config
+from dsnet.configs import CONFIG_DIR
 from dsnet.models.checkpoint import file_sha256
 from pipelines import full, supernet
 from pipelines.runtime import REPO_ROOT, ResourceError, check_resources
 from pipelines.stage import FAULT_ENV, FAULT_MARKER_ENV
 from tests.conftest import FAST_OVERRIDES
 
-TINY = REPO_ROOT / "configs" / "tiny.yml"
+TINY = CONFIG_DIR / "tiny.yml"
 STAGES = ("supernet", "reset_bn", "gate")
 # A supernet stage small enough for two fits in a test: 64 synthetic 16 px images.
 FAST_STAGE_YAML = """\
@@ -78,7 +79,7 @@ def test_cli_errors_exit_2_with_one_line(tmp_path: Path) -> None:
 
 def test_single_stage_input_errors(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """The gate stage needs an input checkpoint; a missing one is named. Exit 2, no Ray."""
-    cfg = REPO_ROOT / "configs" / "mobilenetv1_bn_uniform_gate.yml"  # the authors' file
+    cfg = CONFIG_DIR / "mobilenetv1_bn_uniform_gate.yml"  # the authors' file
     from pipelines import gate
 
     assert gate.main(["-c", str(cfg), "--output", str(tmp_path)]) == 2
@@ -113,7 +114,7 @@ def test_relative_paths_made_absolute(tmp_path: Path, monkeypatch: pytest.Monkey
     (tmp_path / "in.pt").write_bytes(b"x")
     (tmp_path / "data").mkdir()
     monkeypatch.chdir(tmp_path)
-    cfg = REPO_ROOT / "configs" / "mobilenetv1_bn_uniform_gate.yml"
+    cfg = CONFIG_DIR / "mobilenetv1_bn_uniform_gate.yml"
     args = stage_parser("gate").parse_args(["-c", str(cfg), "data", "--resume", "in.pt"])
     plan = plan_single("gate", args)
     assert plan.stages["gate"].resume == str(tmp_path / "in.pt")
@@ -145,7 +146,7 @@ def test_resource_check_fails_fast(ray_session: object, tmp_path: Path,
 @pytest.mark.ray
 def test_end_to_end_on_ray_then_skip(ray_session: object, tmp_path: Path,
                                      capfd: pytest.CaptureFixture) -> None:
-    """configs/tiny.yml on 2 gloo workers: outputs, run.json, chained checkpoints, skip."""
+    """dsnet/configs/tiny.yml on 2 gloo workers: outputs, run.json, chained checkpoints, skip."""
     args = ["-c", str(TINY), "--output", str(tmp_path), "--name", "e2e"]
     assert full.main(args) == 0
     run_dir = tmp_path / "e2e"

@@ -4,7 +4,6 @@ either changes behaviour or is refused."""
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +12,7 @@ from timm.scheduler import CosineLRScheduler
 from torch.utils.data import TensorDataset
 
 from dsnet.config import ConfigError, load_stage_config, stage_config_from_dict
+from dsnet.configs import CONFIG_DIR
 from dsnet.data.datasets import DataBundle
 from dsnet.train.distributed import DistContext
 from dsnet.train.engine import Hook, run_stage
@@ -21,7 +21,7 @@ from dsnet.train.precision import Precision
 from dsnet.train.stages import loader_options, make_runner
 from tests.test_model import small_model
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = CONFIG_DIR
 
 
 def toy_bundle(n: int = 64) -> DataBundle:

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from dsnet.config import RayConfig, StageConfig, load_pipeline_config
+from dsnet.configs import CONFIG_DIR
 from pipelines import cli, full, runtime
 from pipelines.runtime import (
     AUTOSCALING_ENV,
@@ -26,7 +27,7 @@ from pipelines.runtime import (
 from pipelines.stage import scaling_config
 from tests.test_pipeline import TINY
 
-IMAGENET = runtime.REPO_ROOT / "configs" / "imagenet_ds_mbnet.yml"
+IMAGENET = CONFIG_DIR / "imagenet_ds_mbnet.yml"
 
 
 def _stages(**loaders: int) -> dict[str, StageConfig]:
@@ -65,7 +66,7 @@ def test_scaling_config_reserves_the_loaders() -> None:
 
 
 def test_imagenet_job_reserves_what_its_loaders_use() -> None:
-    """configs/imagenet_ds_mbnet.yml: 10 loaders per worker need 11-CPU bundles, and the
+    """dsnet/configs/imagenet_ds_mbnet.yml: 10 loaders per worker need 11-CPU bundles, and the
     config says so itself (the reservation is not a silent bump)."""
     cfg = load_pipeline_config(IMAGENET)
     for stage in cfg.stages.values():

@@ -15,14 +15,14 @@ from pathlib import Path
 import pyarrow.fs as pafs
 import pytest
 
+from dsnet.configs import CONFIG_DIR
 from pipelines import full
-from pipelines.runtime import REPO_ROOT
 from pipelines.stage import FAULT_ENV, FAULT_MARKER_ENV
 from pipelines.storage import RunStorage, StorageError, is_uri
 from tests.conftest import FAST_OVERRIDES, RAY_TEST_ENV
 from tests.procs import free_ports, stop_group, wait_http
 
-TINY = REPO_ROOT / "configs" / "tiny.yml"
+TINY = CONFIG_DIR / "tiny.yml"
 STAGES = ("supernet", "reset_bn", "gate")
 BUCKET = "dsnet-runs"
 

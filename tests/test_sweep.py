@@ -18,9 +18,9 @@ import pytest
 import yaml
 
 from dsnet.config import ConfigError
+from dsnet.configs import CONFIG_DIR
 from pipelines import sweep
 from pipelines.cli import UsageError
-from pipelines.runtime import REPO_ROOT
 from pipelines.sweep import (
     make_plan,
     param_space,
@@ -42,7 +42,7 @@ from pipelines.sweep_results import (
     static_curves,
 )
 
-TINY = REPO_ROOT / "configs" / "tiny.yml"
+TINY = CONFIG_DIR / "tiny.yml"
 # tiny.yml's budgets on 64 synthetic 16 px images: a gate fit is ~1 s of work.
 FAST_SET = ["dataset=synthetic", "synthetic_size=64", "img_size=16", "batch_size=32",
             "gate.eval_subnets=[0,3]", "gate.madds_unit=1.0e6"]
@@ -66,7 +66,7 @@ def _plan(path: Path, *argv: str) -> sweep.SweepPlan:
 
 
 def test_default_sweep_config() -> None:
-    """configs/sweep_default.yml: <= 12 gate trials of 1 worker on one shared supernet."""
+    """dsnet/configs/sweep_default.yml: <= 12 gate trials of 1 worker on one shared supernet."""
     plan = make_plan(parser().parse_args([]), ["test"])
     assert plan.sweep_dir.name == "sweep_default" and plan.supernet is None
     assert plan.trial_ray.num_workers == 1
@@ -208,7 +208,7 @@ def test_supernets_are_shared_by_their_trials() -> None:
 
 
 def test_sweep_folder_refuses_another_config(tmp_path: Path) -> None:
-    from pipelines.run_record import atomic_write_json
+    from dsnet.utils.atomic import atomic_write_json
 
     path = _sweep_yaml(tmp_path)
     plan = _plan(path)

@@ -134,7 +134,7 @@ DS_MBNET_SMALL = ArchSpec(
 # have one width, shared by every subnet (16-24-32-48, downsampled to 7x7 by stage 1 so it
 # stays cheap): the largest network *is* uniform subnet 13, and only stages 3-4 slim, from a
 # capacity-limited 4/8 channels to 108/216: 0.61M to 3.31M MAdds (5.4x). Measured on the
-# embedded data with configs/default.yml: a slim end of 8/16 channels left every subnet within
+# embedded data with dsnet/configs/default.yml: a slim end of 8/16 channels left every subnet within
 # 1.1 points of the widest (85.2-86.3 % top-1); 4/8 widens that to 1.6 points (85.0-86.6 %),
 # the difference being on T-shirts, shirts and bags, which is what the gate exploits.
 DS_MBNET_TINY = ArchSpec(

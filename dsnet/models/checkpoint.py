@@ -11,7 +11,6 @@ import argparse
 import hashlib
 import os
 import pickle
-import platform
 import zipfile
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -21,6 +20,7 @@ import torch
 from torch import nn
 
 from dsnet.utils.atomic import atomic_write
+from dsnet.utils.provenance import to_builtins, versions
 
 FORMAT = "dsnet-checkpoint"
 FORMAT_VERSION = 1
@@ -240,14 +240,6 @@ def _apply_routing_space(model: nn.Module, ckpt: Mapping[str, Any],
         model.routing_space = tuple(space)
 
 
-def versions() -> dict[str, str]:
-    """Versions recorded with every checkpoint and run."""
-    from dsnet.version import __version__
-
-    return {"dsnet": __version__, "torch": str(torch.__version__),
-            "python": platform.python_version()}
-
-
 def save_checkpoint(path: str | os.PathLike, model: nn.Module, *, stage: str, epoch: int,
                     config: Mapping[str, Any] | None = None,
                     metrics: Mapping[str, Any] | None = None,
@@ -264,30 +256,17 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, *, stage: str, ep
     payload = {
         "format": FORMAT, "format_version": FORMAT_VERSION,
         "model_name": getattr(model, "model_name", None),
-        "model_kwargs": _plain(getattr(model, "model_kwargs", {})),
+        "model_kwargs": to_builtins(getattr(model, "model_kwargs", {})),
         "routing_space": list(getattr(model, "routing_space", ()) or ()) or None,
         "stage": stage, "epoch": int(epoch),
-        "config": _plain(config or {}), "metrics": _plain(metrics or {}),
+        "config": to_builtins(config or {}), "metrics": to_builtins(metrics or {}),
         "versions": versions(),
         "state_dict": model.state_dict(),
         "state_dict_ema": ema_model.state_dict() if ema_model is not None else None,
-        "optimizer": optimizer_state, "extra": _plain(extra or {}),
+        "optimizer": optimizer_state, "extra": to_builtins(extra or {}, keep_tensors=True),
     }
     atomic_torch_save(payload, path)
     return Path(path)
-
-
-def _plain(obj: Any) -> Any:
-    """Convert to builtins only, so the file loads with ``weights_only=True``."""
-    if isinstance(obj, Mapping):
-        return {str(k): _plain(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_plain(v) for v in obj]
-    if isinstance(obj, torch.Tensor):
-        return obj
-    if obj is None or isinstance(obj, bool | int | float | str):
-        return obj
-    return str(obj)
 
 
 def model_from_checkpoint(path: str | os.PathLike, use_ema: bool = False,

@@ -13,9 +13,11 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import IO, Any
+
+from dsnet.utils.provenance import json_text
 
 
 def _umask() -> int:
@@ -68,3 +70,9 @@ def atomic_copy(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
 
 
 __all__ = ["atomic_copy", "atomic_write", "atomic_write_text"]
+
+
+def atomic_write_json(path: str | os.PathLike, data: Mapping[str, Any]) -> None:
+    """Write strict JSON (:func:`dsnet.utils.provenance.json_text`) atomically."""
+    text = json_text(data)
+    atomic_write(path, lambda f: f.write(text))
