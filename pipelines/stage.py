@@ -15,12 +15,7 @@ stage's final one whose size or SHA-256 no longer match ``run.json``, is skipped
 warning for the newest older one that is intact (Ray's run folder keeps
 ``ray.num_to_keep``); the stage's ``run.json`` entry lists it under ``corrupt_checkpoints``.
 
-Fault injection, for tests: with ``DSNET_FAULT_AFTER_EPOCH=N`` and
-``DSNET_FAULT_MARKER=PATH`` in the driver's environment, rank ``DSNET_FAULT_RANK``
-(default 0) fails after reporting epoch N (0-based) once, creating PATH so that the retry
-or re-run goes through. ``DSNET_FAULT_MODE`` is ``raise`` (default: an exception) or
-``exit`` (``os._exit(1)``: the process dies as in a crash or an OOM kill; in-process runs
-kill the driver itself).
+Fault injection for tests is in :mod:`pipelines.faults`.
 """
 
 from __future__ import annotations
@@ -64,19 +59,13 @@ from dsnet.train.engine import (
     run_stage,
 )
 from dsnet.utils.provenance import now, to_builtins
+from pipelines.faults import FaultHook, fault_from_env
 from pipelines.run_record import RunRecord, checkpoint_fields
 from pipelines.runtime import RaySession, worker_cpus, worker_gpus
 from pipelines.storage import RunStorage, as_storage
 
 CKPT_FILE = "checkpoint.pt"
-FAULT_ENV, FAULT_MARKER_ENV = "DSNET_FAULT_AFTER_EPOCH", "DSNET_FAULT_MARKER"
-FAULT_MODE_ENV, FAULT_RANK_ENV = "DSNET_FAULT_MODE", "DSNET_FAULT_RANK"
-FAULT_MODES = ("raise", "exit")
 DAMAGED = "has another size or SHA-256 than run.json recorded"
-
-
-class InjectedFault(RuntimeError):
-    """Raised by :class:`FaultHook` (tests of resuming)."""
 
 
 class StageFailed(RuntimeError):
@@ -145,52 +134,6 @@ def checkpoint_dir_name(epoch: int) -> str:
     entry pointing at it, so a reused name would lose the new checkpoint with the old one.
     """
     return f"checkpoint_epoch{epoch + 1:03d}_{datetime.now():%Y-%m-%d_%H-%M-%S.%f}"
-
-
-class FaultHook(Hook):
-    """Fails on rank ``fault["rank"]`` after epoch ``fault["after_epoch"]`` once, leaving
-    ``fault["marker"]`` behind: raises (mode ``raise``) or kills the process (``exit``).
-
-    ``sync``, if given, is called on every rank before a kill (Ray workers:
-    :func:`reports_collected_barrier`), so that the kill lands after a known checkpoint.
-    """
-
-    def __init__(self, rank: int, fault: Mapping[str, Any] | None,
-                 sync: Callable[[], None] | None = None) -> None:
-        self.rank = rank
-        self.fault = fault
-        self.sync = sync
-
-    def on_epoch_end(self, report: EpochReport, save: Callable[[Path], None]) -> None:
-        fault = self.fault
-        if not fault or report.epoch != fault["after_epoch"]:
-            return
-        marker = Path(fault["marker"])
-        # Every rank decides before the failing rank creates the marker (after the sync).
-        armed = not marker.exists()
-        exits = fault.get("mode", "raise") == "exit"
-        if armed and exits and self.sync is not None:
-            self.sync()
-        if not armed or self.rank != fault.get("rank", 0):
-            return
-        marker.touch()
-        if exits:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(1)  # no exception, no clean-up: what a segfault or the OOM killer does
-        raise InjectedFault(f"injected fault after epoch {report.epoch} ({FAULT_ENV})")
-
-
-def fault_from_env() -> dict[str, Any] | None:
-    """The fault to inject, read from the driver's environment (see the module docstring)."""
-    after, marker = os.environ.get(FAULT_ENV), os.environ.get(FAULT_MARKER_ENV)
-    if after is None or not marker:
-        return None
-    mode = os.environ.get(FAULT_MODE_ENV) or "raise"
-    if mode not in FAULT_MODES:
-        raise ValueError(f"{FAULT_MODE_ENV}={mode!r}: expected one of {', '.join(FAULT_MODES)}")
-    return {"after_epoch": int(after), "marker": marker, "mode": mode,
-            "rank": int(os.environ.get(FAULT_RANK_ENV) or 0)}
 
 
 def reports_collected_barrier(timeout_s: float = 60.0) -> None:

@@ -20,10 +20,9 @@ from dsnet.data.datasets import (
     DataBundle,
     DataError,
     build_datasets,
-    build_loader,
     dataset_num_classes,
-    set_loader_epoch,
 )
+from dsnet.data.loader import build_loader, set_loader_epoch
 
 
 @pytest.fixture(scope="module")

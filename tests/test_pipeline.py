@@ -21,8 +21,8 @@ from dsnet.config import config_to_dict, load_pipeline_config
 from dsnet.configs import CONFIG_DIR
 from dsnet.models.checkpoint import file_sha256
 from pipelines import full, supernet
+from pipelines.faults import FAULT_ENV, FAULT_MARKER_ENV
 from pipelines.runtime import REPO_ROOT, ResourceError, check_resources
-from pipelines.stage import FAULT_ENV, FAULT_MARKER_ENV
 from tests.conftest import FAST_OVERRIDES
 
 TINY = CONFIG_DIR / "tiny.yml"

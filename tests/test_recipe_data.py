@@ -11,13 +11,8 @@ from timm.data.auto_augment import RandAugment
 from torch.utils.data import TensorDataset
 from torchvision import transforms
 
-from dsnet.data.datasets import (
-    DataError,
-    build_datasets,
-    build_loader,
-    build_mixup,
-    set_loader_epoch,
-)
+from dsnet.data.datasets import DataError, build_datasets
+from dsnet.data.loader import build_loader, build_mixup, set_loader_epoch
 
 # The authors' YAML keys (timm train.py arguments) for the folder recipe.
 AUTHORS = dict(aa="rand-m9-mstd0.5", reprob=0.2, remode="pixel", color_jitter=0.06,

@@ -36,15 +36,9 @@ from dsnet.models.checkpoint import (
 )
 from dsnet.train.engine import CheckpointHook, Hook, build_model, run_stage
 from pipelines import full, supernet
+from pipelines.faults import FAULT_ENV, FAULT_MARKER_ENV, FAULT_MODE_ENV, FAULT_RANK_ENV
 from pipelines.runtime import REPO_ROOT
-from pipelines.stage import (
-    FAULT_ENV,
-    FAULT_MARKER_ENV,
-    FAULT_MODE_ENV,
-    FAULT_RANK_ENV,
-    pick_resume_checkpoint,
-    ray_resume_candidates,
-)
+from pipelines.stage import pick_resume_checkpoint, ray_resume_candidates
 from tests.test_pipeline import FAST_OVERRIDES, FAST_STAGE_YAML, TINY, _run_json
 
 SOURCE_DIRS = ("dsnet", "pipelines")

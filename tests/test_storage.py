@@ -17,7 +17,7 @@ import pytest
 
 from dsnet.configs import CONFIG_DIR
 from pipelines import full
-from pipelines.stage import FAULT_ENV, FAULT_MARKER_ENV
+from pipelines.faults import FAULT_ENV, FAULT_MARKER_ENV
 from pipelines.storage import RunStorage, StorageError, is_uri
 from tests.conftest import FAST_OVERRIDES, RAY_TEST_ENV
 from tests.procs import free_ports, stop_group, wait_http

@@ -27,8 +27,7 @@ Augmentation per dataset:
 * ``cifar10`` / ``cifar100``: RandomCrop(32, padding=4) and horizontal flip.
 * ``synthetic``: none (random tensors for throughput benchmarks).
 
-Batch-level mixup/cutmix is timm's ``Mixup`` (:func:`build_mixup`), applied by the
-training loop to each batch; its soft targets go to timm's ``SoftTargetCrossEntropy``.
+Loaders and batch-level mixup/cutmix are in :mod:`dsnet.data.loader`.
 """
 
 from __future__ import annotations
@@ -40,15 +39,14 @@ import math
 import os
 import re
 import urllib.error
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, Mixup, create_transform
-from torch.utils.data import DataLoader, Dataset, Sampler
-from torch.utils.data.distributed import DistributedSampler
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
+from torch.utils.data import Dataset
 from torchvision import datasets, transforms
 
 logger = logging.getLogger(__name__)
@@ -241,29 +239,6 @@ class SafeImageFolder(datasets.ImageFolder):
             logger.warning("skipping unreadable image %s (%s)", path, exc)
 
 
-class ShardSampler(Sampler[int]):
-    """Sequential eval sampler giving rank ``r`` indices ``r, r + W, r + 2W, ...``.
-
-    No padding: every sample is seen exactly once across ranks, so metrics are
-    exact, but per-rank lengths may differ by one. Reduce sums and counts after
-    the loop rather than running a collective per batch.
-
-    Args:
-        length: Dataset length.
-        rank: This rank, ``0 <= rank < world_size``.
-        world_size: Number of ranks.
-    """
-
-    def __init__(self, length: int, rank: int, world_size: int) -> None:
-        self.length, self.rank, self.world_size = length, rank, world_size
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(range(self.rank, self.length, self.world_size))
-
-    def __len__(self) -> int:
-        return len(range(self.rank, self.length, self.world_size))
-
-
 # --------------------------------------------------------------------------- builders
 
 
@@ -275,54 +250,29 @@ def build_datasets(name: str, path: str | None = None, *, img_size: int | None =
                    num_classes: int | None = None, random_shift: int = 0,
                    hflip: float | None = None,
                    train_interpolation: str = "random") -> DataBundle:
-    """Build the train and validation datasets for ``name``.
+    """Build the train and validation datasets for ``name`` (one of :data:`DATASETS`).
 
-    Args:
-        name: One of :data:`DATASETS`.
-        path: Data root: a folder with ``train/`` and ``val/`` for ImageNet-style
-            data, the CIFAR root, a folder with the four Fashion-MNIST IDX files
-            (None = the embedded subset), unused for ``mnist5k`` and ``synthetic``.
-        img_size: Served image size; defaults to the dataset's native size
-            (28 MNIST, 224 folders, 32 CIFAR and synthetic).
-        download: Allow torchvision to download CIFAR (needs network).
-        num_val: validation size of the in-memory grey sets. ``mnist5k``: held out of
-            its 5,000 images (default 1000, the rest trains); ``fashion_mnist``: a seeded
-            subset of the validation split (default: all of it).
-        seed: Seed for the ``mnist5k`` split and the synthetic tensors.
-        aa: timm auto-augment spec (folders only) such as ``'rand-m9-mstd0.5'``;
-            ``''``, ``'none'`` or None disables it.
-        reprob: timm RandomErasing probability (folders only).
-        remode: RandomErasing fill: ``'pixel'`` (per-pixel noise), ``'rand'``
-            (per-channel noise) or ``'const'`` (zero).
-        color_jitter: Brightness/contrast/saturation jitter strength (folders only);
-            timm ignores it while an ``aa`` policy is set.
-        interpolation: eval resize filter, ``'bicubic'``, ``'bilinear'`` or ``'nearest'``.
-        corrupt_images: ``'fail'`` or ``'skip'`` for unreadable image files.
-        synthetic_size: Synthetic training set size (validation is a quarter).
-        num_classes: Synthetic class count (default 10); for other datasets it is
-            inferred, and a given value that disagrees raises :class:`DataError`.
-        random_shift: grey sets' training-time random translation (pixels, 0 = off).
-        hflip: training-time horizontal-flip probability of ``fashion_mnist`` (default
-            0.5) and ``mnist5k`` (default 0: digits are not mirror-symmetric).
-        train_interpolation: training crop's resize filter (folders only): ``'random'``
-            (bilinear or bicubic, drawn per image, as timm does), ``'bilinear'`` or
-            ``'bicubic'``.
-
-    Returns:
-        The :class:`DataBundle`.
+    ``path`` is the data root: a folder with ``train/`` and ``val/`` for ImageNet-style
+    data, the CIFAR root, a folder with the four Fashion-MNIST IDX files (None = the
+    embedded subset); unused for ``mnist5k`` and ``synthetic``. ``img_size`` defaults to
+    the dataset's native size (28 grey sets, 224 folders, 32 CIFAR and synthetic);
+    ``download`` lets torchvision fetch CIFAR. Every other keyword is the stage config key
+    of the same name (:class:`dsnet.config.StageConfig` documents each): ``num_val``,
+    ``seed``, ``random_shift`` and ``hflip`` for the grey sets (``hflip`` defaults to 0.5
+    for Fashion-MNIST, 0 for digits), ``aa``, ``reprob``, ``remode``, ``color_jitter``,
+    ``interpolation``, ``train_interpolation`` and ``corrupt_images`` for folders,
+    ``synthetic_size`` and ``num_classes`` for synthetic data (elsewhere ``num_classes``
+    is inferred, and a given value that disagrees raises).
 
     Raises:
-        DataError: Unknown name, missing or malformed data, bad options.
+        DataError: unknown name, missing or malformed data, bad options.
     """
     if name not in DATASETS:
         raise DataError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
     if corrupt_images not in ("fail", "skip"):
         raise DataError(f"corrupt_images must be 'fail' or 'skip', got {corrupt_images!r}")
-    if name == "mnist5k":
-        bundle = _build_mnist5k(img_size, num_val or 1000, seed, random_shift, hflip or 0.0)
-    elif name == "fashion_mnist":
-        bundle = _build_fashion_mnist(path, img_size, num_val, seed, random_shift,
-                                      0.5 if hflip is None else hflip)
+    if name in ("mnist5k", "fashion_mnist"):
+        bundle = _build_grey(name, path, img_size, num_val, seed, random_shift, hflip)
     elif name == "synthetic":
         bundle = _build_synthetic(img_size, synthetic_size, num_classes or 10, seed)
     elif name in CIFAR_STATS:
@@ -334,11 +284,19 @@ def build_datasets(name: str, path: str | None = None, *, img_size: int | None =
         eval_tf = _folder_eval_transform(size, interpolation)
         bundle = _build_folder(name, path, size, train_tf, eval_tf, corrupt_images)
     if num_classes is not None and num_classes != bundle.num_classes:
-        raise DataError(
-            f"num_classes is {num_classes} but dataset {name} has {bundle.num_classes} "
-            "classes; fix num_classes in the config or drop it to infer it"
-        )
+        raise DataError(f"num_classes is {num_classes} but dataset {name} has "
+                        f"{bundle.num_classes} classes; fix num_classes in the config or "
+                        "drop it to infer it")
     return bundle
+
+
+def _build_grey(name: str, path: str | None, img_size: int | None, num_val: int | None,
+                seed: int, random_shift: int, hflip: float | None) -> DataBundle:
+    """The in-memory grey sets, with their own defaults for ``num_val`` and ``hflip``."""
+    if name == "mnist5k":  # digits are not mirror-symmetric: no flips unless asked
+        return _build_mnist5k(img_size, num_val or 1000, seed, random_shift, hflip or 0.0)
+    return _build_fashion_mnist(path, img_size, num_val, seed, random_shift,
+                                0.5 if hflip is None else hflip)
 
 
 # Classes of the datasets whose count does not depend on the files.
@@ -686,125 +644,3 @@ def _folder_eval_transform(img_size: int, interpolation: str) -> Callable:
     return create_transform(img_size, is_training=False, interpolation=interpolation,
                             crop_pct=EVAL_CROP_PCT, mean=IMAGENET_DEFAULT_MEAN,
                             std=IMAGENET_DEFAULT_STD)
-
-
-# --------------------------------------------------------------------------- loaders
-
-
-def build_loader(dataset: Dataset, batch_size: int, *, train: bool, rank: int = 0,
-                 world_size: int = 1, seed: int = 0, workers: int = 0,
-                 drop_last: bool | None = None, pin_memory: bool = False,
-                 persistent_workers: bool = False) -> DataLoader:
-    """A DataLoader over this rank's share of ``dataset``.
-
-    Training uses ``DistributedSampler`` (explicit ``num_replicas``/``rank``, so no
-    process group is needed): seeded shuffling, equal counts per rank by wrap-around
-    padding, and a new deterministic order per epoch via :func:`set_loader_epoch`
-    (``seed + epoch``). Evaluation is unshuffled; with ``world_size > 1`` it uses
-    :class:`ShardSampler`, which does not pad, so each sample counts exactly once
-    and per-rank lengths may differ by one.
-
-    Persistent workers keep their processes (and the dataset copies in them) across
-    epochs instead of re-forking each epoch. The per-epoch reshuffle still works with
-    them: the sampler runs in the main process and each new pass over the loader draws
-    a fresh index order from it, so :func:`set_loader_epoch` takes effect next epoch.
-
-    Args:
-        dataset: The dataset to load.
-        batch_size: Per-rank batch size.
-        train: Training (shuffled, padded) or evaluation (ordered, unpadded) mode.
-        rank: This rank, ``0 <= rank < world_size``.
-        world_size: Number of data-parallel ranks.
-        seed: Shuffle seed, shared by all ranks so their partitions are disjoint.
-        workers: DataLoader worker processes (0 loads in the main process).
-        drop_last: Drop the last incomplete batch; defaults to ``train``.
-        pin_memory: Pin host memory for faster GPU copies.
-        persistent_workers: Keep worker processes alive between epochs; ignored with
-            ``workers=0`` (PyTorch rejects it there).
-
-    Returns:
-        The configured DataLoader.
-    """
-    if not 0 <= rank < world_size:
-        raise DataError(f"rank must be in [0, {world_size}), got {rank}")
-    if batch_size < 1:
-        raise DataError(f"batch_size must be positive, got {batch_size}")
-    sampler: Sampler[int] | None
-    if train:
-        sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank,
-                                     shuffle=True, seed=seed)
-    elif world_size > 1:
-        sampler = ShardSampler(len(dataset), rank, world_size)
-    else:
-        sampler = None  # plain sequential order
-    return DataLoader(
-        dataset, batch_size=batch_size, sampler=sampler, shuffle=False,
-        num_workers=workers, drop_last=train if drop_last is None else drop_last,
-        pin_memory=pin_memory, persistent_workers=persistent_workers and workers > 0,
-        # Seeds the workers' augmentation RNG: reproducible, and different per rank.
-        generator=torch.Generator().manual_seed(seed * 1000 + rank),
-    )
-
-
-def set_loader_epoch(loader: DataLoader, epoch: int) -> None:
-    """Reshuffle ``loader`` for ``epoch`` if its sampler supports ``set_epoch``.
-
-    Args:
-        loader: A loader from :func:`build_loader` (any DataLoader works).
-        epoch: The epoch about to start.
-    """
-    set_epoch = getattr(getattr(loader, "sampler", None), "set_epoch", None)
-    if callable(set_epoch):
-        set_epoch(epoch)
-
-
-# --------------------------------------------------------------------------- mixup
-
-
-class EvenBatchMixup(Mixup):
-    """timm's :class:`~timm.data.Mixup` that names the batch size when it is odd.
-
-    timm mixes each sample with its mirror in the batch (``x.flip(0)``, or pairs), so it
-    needs an even batch and otherwise fails with a bare assertion (or silently
-    misbehaves under ``python -O``). The training loader drops its last batch
-    (``build_loader(train=True)``), so only an odd ``batch_size`` triggers this.
-    """
-
-    def __call__(self, x: torch.Tensor, target: torch.Tensor
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-        if len(x) % 2:
-            raise ValueError(f"mixup/cutmix needs an even batch, got batch size {len(x)}; "
-                             "use an even batch_size (the training loader drops the last, "
-                             "partial batch)")
-        return super().__call__(x, target)
-
-
-def build_mixup(mixup: float, cutmix: float, cutmix_minmax: list[float] | None,
-                prob: float, switch_prob: float, mode: str, smoothing: float,
-                num_classes: int) -> Mixup | None:
-    """timm's batch mixup/cutmix as the release's train.py sets it up, or None when off.
-
-    On by the release's rule: ``mixup > 0`` or ``cutmix > 0`` or ``cutmix_minmax`` given.
-    Call it as ``images, soft = mix(images, labels)`` on each training batch (on the
-    device); ``soft`` is (B, num_classes) with rows summing to 1 and label smoothing
-    already folded in, so the loss must be timm's ``SoftTargetCrossEntropy`` (a
-    hard-label loss cannot take them, and a label-smoothing one would smooth twice).
-    Every ``mode`` (``'batch'``, ``'pair'``, ``'elem'``) needs an even batch: the
-    training loader of :func:`build_loader` drops its last partial batch, and an odd
-    batch size raises ValueError naming it (:class:`EvenBatchMixup`).
-
-    Args:
-        mixup: mixup alpha (Beta distribution); 0 = no mixup.
-        cutmix: cutmix alpha; 0 = no cutmix.
-        cutmix_minmax: cutmix box size bounds [min, max] as fractions (overrides alpha).
-        prob: probability of mixing a batch (or element) at all.
-        switch_prob: probability of cutmix instead of mixup when both are on.
-        mode: ``'batch'``, ``'pair'`` or ``'elem'``: how mixing parameters are drawn.
-        smoothing: label smoothing of the targets.
-        num_classes: classes of the one-hot targets.
-    """
-    if not (mixup > 0 or cutmix > 0 or cutmix_minmax is not None):
-        return None
-    return EvenBatchMixup(mixup_alpha=mixup, cutmix_alpha=cutmix, cutmix_minmax=cutmix_minmax,
-                          prob=prob, switch_prob=switch_prob, mode=mode,
-                          label_smoothing=smoothing, num_classes=num_classes)

@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 from dsnet.config import StageConfig
-from dsnet.data.datasets import DataBundle, build_loader, build_mixup, set_loader_epoch
+from dsnet.data.datasets import DataBundle
+from dsnet.data.loader import build_loader, build_mixup, set_loader_epoch
 from dsnet.eval.evaluate import (
     evaluate_dynamic,
     evaluate_routing,
