@@ -23,10 +23,11 @@ import math
 import time
 from pathlib import Path
 
-from dsnet.config import apply_overrides, load_pipeline_config
+from dsnet.config import apply_overrides
 from dsnet.configs import CONFIG_DIR
 from dsnet.train.engine import run_stage
 from dsnet.utils.atomic import atomic_write_text
+from pipelines.config import load_pipeline_config
 
 ROOT = Path(__file__).resolve().parents[1]
 

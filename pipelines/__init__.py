@@ -2,13 +2,21 @@
 
 Modules:
 
+* :mod:`pipelines.config`: ``RayConfig`` and the pipeline YAML (three stages + ``ray:``).
+* :mod:`pipelines.command`: what every command shares: usage errors, exit codes,
+  ``--set``, SIGINT/SIGTERM, failure reports, the resume hint.
+* :mod:`pipelines.cli`: the pipeline commands' plan, input checks and summary.
 * :mod:`pipelines.runtime`: start or attach to Ray, check that the cluster can hold a stage.
+* :mod:`pipelines.storage`: run folders on a local disk or any URI pyarrow opens.
 * :mod:`pipelines.stage`: one stage as a Ray task that fits a ``TorchTrainer``, and the
   supernet -> reset_bn -> gate sequence with its run folder.
 * :mod:`pipelines.run_record`: ``run.json``, the run folder's atomic ledger.
-* :mod:`pipelines.cli`: shared argument parsing and error handling (exit codes).
+* :mod:`pipelines.faults`: fault injection for the restart and resume tests.
+* :mod:`pipelines.sweep_config`, :mod:`pipelines.sweep_plan`, :mod:`pipelines.sweep`,
+  :mod:`pipelines.sweep_results`: the Ray Tune sweep (YAML, plan, trials, Pareto fronts).
 * :mod:`pipelines.full`, :mod:`pipelines.supernet`, :mod:`pipelines.reset_bn`,
-  :mod:`pipelines.gate`: command-line entry points (``python -m pipelines.full ...``).
+  :mod:`pipelines.gate`, :mod:`pipelines.sweep`, :mod:`pipelines.predict`: command-line
+  entry points (``python -m pipelines.full ...``).
 
 In-process fast path: ``--num-workers 0`` (``ray.num_workers: 0``) runs every stage in the
 driver process without Ray at all (no ``ray.init``, no ``TorchTrainer``, no 10-20 s worker

@@ -1,8 +1,8 @@
-"""Command-line plumbing shared by ``pipelines.full`` and the single-stage commands.
+"""The pipeline commands' plan, checks and execution (``pipelines.full`` and the
+single-stage commands); parsing, signals and exit codes are :mod:`pipelines.command`'s.
 
 Everything that can be checked without Ray (arguments, configs, input files) is checked
-before Ray starts. Errors print one or two lines on stderr (a traceback with ``--debug``)
-and set the exit code:
+before Ray starts. Exit codes (:data:`PIPELINE_ERRORS`):
 
 * 2: usage or configuration (bad flag, unknown ``--set`` key, missing config file or
   input checkpoint, a resource request the cluster can never meet, an output folder
@@ -15,31 +15,17 @@ and set the exit code:
 from __future__ import annotations
 
 import argparse
-import contextlib
 import functools
 import posixpath
-import shlex
-import signal
-import sys
 import tempfile
 import time
-import traceback
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow.fs as pafs
-import yaml
 
-from dsnet.config import (
-    ConfigError,
-    RayConfig,
-    StageConfig,
-    load_pipeline_config,
-    load_stage_config,
-    ray_config_from_dict,
-    validate_ray,
-)
+from dsnet.config import ConfigError, StageConfig
 from dsnet.configs import CONFIG_DIR, find_config
 from dsnet.data.datasets import DataError, check_num_classes, dataset_num_classes
 from dsnet.eval.evaluate import format_table, write_results
@@ -47,6 +33,22 @@ from dsnet.models.checkpoint import CheckpointError, read_checkpoint
 from dsnet.models.registry import create_model
 from dsnet.train.engine import check_stage_order, validation_images
 from dsnet.train.stages import routing_space_for
+from pipelines.command import (
+    EXIT_OK,
+    CommandParser,
+    ErrorKinds,
+    UsageError,
+    add_debug_option,
+    add_set_option,
+    run_main,
+)
+from pipelines.config import (
+    RayConfig,
+    absolute_input_paths,
+    load_pipeline_config,
+    load_stage_command,
+    validate_ray,
+)
 from pipelines.run_record import RunRecord
 from pipelines.runtime import (
     RaySession,
@@ -56,7 +58,6 @@ from pipelines.runtime import (
     check_local_cpus,
     check_local_gpu,
     check_output_dir,
-    trap_sigterm,
 )
 from pipelines.stage import StageFailed, error_summary, run_stages
 from pipelines.storage import RunStorage, StorageError
@@ -64,17 +65,10 @@ from pipelines.storage import RunStorage, StorageError
 DEFAULT_CONFIG = CONFIG_DIR / "default.yml"
 # Datasets read from ``data``; the others are built in memory.
 _FOLDER_DATASETS = ("imagenet", "imagefolder", "cifar10", "cifar100")
-
-
-class UsageError(Exception):
-    """A bad command line (argparse's errors are turned into this)."""
-
-
-class CommandParser(argparse.ArgumentParser):
-    """argparse that raises instead of printing the usage block and exiting."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise UsageError(f"{message} (see --help)")
+# exit 2: found before anything runs; exit 1: a stage failed (workers' errors summarised)
+PIPELINE_ERRORS = ErrorKinds(usage=(ConfigError, ResourceError, StorageError),
+                             failure=(DataError, CheckpointError, StageFailed),
+                             describe=error_summary)
 
 
 @dataclass
@@ -82,9 +76,8 @@ class Plan:
     """What a command will run: the stages in order, Ray settings, and where.
 
     ``autoscaling``: the cluster's autoscaler can add nodes (``--autoscaling`` or
-    ``DSNET_AUTOSCALING=1``), so a shortfall warns instead of failing. A flag, not a
-    ``ray:`` key, because Ray has no public API to detect an autoscaler and
-    :class:`RayConfig` is the library's.
+    ``DSNET_AUTOSCALING=1``), so a shortfall warns instead of failing: a property of the
+    cluster, not of the job (Ray has no public API to detect an autoscaler).
     """
 
     stages: dict[str, StageConfig]
@@ -107,9 +100,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--autoscaling", action="store_true",
                    help="the cluster's autoscaler can add nodes: warn, not fail, when it is "
                         "too small now (also DSNET_AUTOSCALING=1)")
-    p.add_argument("--set", dest="overrides", action="append", default=[],
-                   metavar="KEY=VALUE", help="override a config key (repeatable)")
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    add_set_option(p)
+    add_debug_option(p)
 
 
 def full_parser() -> argparse.ArgumentParser:
@@ -153,17 +145,6 @@ def _autoscaling(args: argparse.Namespace) -> bool:
     return bool(args.autoscaling) or autoscaling_from_env()
 
 
-def _absolute_paths(stages: dict[str, StageConfig]) -> dict[str, StageConfig]:
-    """Make existing relative ``data``/``resume`` paths absolute: Ray Train workers run in
-    a session folder of their own, not in the driver's working directory."""
-    for cfg in stages.values():
-        for key in ("data", "resume"):
-            value = getattr(cfg, key)
-            if value and not Path(value).is_absolute() and Path(value).exists():
-                setattr(cfg, key, str(Path(value).resolve()))
-    return stages
-
-
 def plan_full(args: argparse.Namespace, filesystem: pafs.FileSystem | None = None) -> Plan:
     """Load the pipeline config with ``--set`` and the flags applied (``filesystem``: the
     run folder's, for ``--output`` paths inside it)."""
@@ -173,37 +154,21 @@ def plan_full(args: argparse.Namespace, filesystem: pafs.FileSystem | None = Non
             stage.data = args.data
     name = args.name or cfg.name or time.strftime("%Y%m%d-%H%M%S")
     storage = RunStorage.resolve(args.output or cfg.output, name, filesystem)
-    return Plan(_absolute_paths(dict(cfg.stages)), _ray_from_flags(cfg.ray, args), storage,
+    return Plan(absolute_input_paths(dict(cfg.stages)), _ray_from_flags(cfg.ray, args), storage,
                 _autoscaling(args))
-
-
-def _split_ray_overrides(items: Sequence[str]) -> tuple[list[str], RayConfig]:
-    """Stage overrides, and a RayConfig built from the ``ray.KEY=VALUE`` ones."""
-    stage_items, ray_keys = [], {}
-    for item in items:
-        key, _, raw = item.partition("=")
-        if key.strip().startswith("ray.") and "=" in item:
-            try:
-                ray_keys[key.strip()[4:]] = yaml.safe_load(raw) if raw.strip() else None
-            except yaml.YAMLError:
-                ray_keys[key.strip()[4:]] = raw  # the type check names the key
-        else:
-            stage_items.append(item)
-    return stage_items, ray_config_from_dict(ray_keys, source="--set")
 
 
 def plan_single(stage: str, args: argparse.Namespace,
                 filesystem: pafs.FileSystem | None = None) -> Plan:
     """Load one stage's YAML (``stage`` forced), DATA_PATH and ``--resume`` applied."""
-    items, ray_cfg = _split_ray_overrides(args.overrides)
-    cfg = load_stage_config(args.config, items, stage=stage)
+    cfg, ray_cfg = load_stage_command(args.config, args.overrides, stage)
     if args.data is not None:
         cfg.data = args.data
     if args.resume is not None:
         cfg.resume = args.resume
     name = args.name or f"{stage}-{time.strftime('%Y%m%d-%H%M%S')}"
     storage = RunStorage.resolve(args.output or "results", name, filesystem)
-    return Plan(_absolute_paths({stage: cfg}), _ray_from_flags(ray_cfg, args), storage,
+    return Plan(absolute_input_paths({stage: cfg}), _ray_from_flags(ray_cfg, args), storage,
                 _autoscaling(args))
 
 
@@ -343,67 +308,23 @@ def summary(record: RunRecord) -> str:
     return "\n".join(lines + ([table] if table else []))
 
 
-# ----------------------------------------------------------------------------- errors
-
-
-def _resume_command(prog: str, argv: Sequence[str], name: str | None) -> str:
-    """The same command, with ``--name`` pinned so it continues the same run folder."""
-    argv = list(argv)
-    if name is not None and not any(a == "--name" or a.startswith("--name=") for a in argv):
-        argv += ["--name", name]
-    return f"{prog} {shlex.join(argv)}".strip()
-
-
-@contextlib.contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
-    """Treat SIGTERM like Ctrl-C while a command runs; restore the old handler after."""
-    old = trap_sigterm()
-    try:
-        yield
-    finally:
-        if old is not None:
-            signal.signal(signal.SIGTERM, old)
-
-
-def _fail(message: str, code: int, exc: BaseException, debug: bool) -> int:
-    if debug:
-        traceback.print_exception(exc)
-    print(f"error: {message}", file=sys.stderr, flush=True)
-    return code
-
-
-def report_failure(exc: Exception, debug: bool) -> int:
-    """Print a command's failure as one ``error:`` line (the traceback first with
-    ``--debug``) and return its exit code: 2 for usage, config and resource errors, 1 for
-    runtime failures (data, checkpoints, a failed stage, anything unexpected)."""
-    if isinstance(exc, (UsageError, ConfigError, ResourceError, StorageError)):
-        return _fail(str(exc), 2, exc, debug)
-    if isinstance(exc, (DataError, CheckpointError, StageFailed)):
-        return _fail(str(exc), 1, exc, debug)
-    return _fail(f"{type(exc).__name__}: {error_summary(exc)}", 1, exc, debug)
+# ----------------------------------------------------------------------------- commands
 
 
 def run_command(prog: str, argv: Sequence[str] | None,
                 plan_fn: Callable[[argparse.Namespace], Plan],
                 parser: argparse.ArgumentParser) -> int:
-    """Parse, plan, check and execute a command; map errors to messages and exit codes."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    debug = "--debug" in argv
-    plan = None
-    try:
-        args = parser.parse_args(argv)
-        plan = plan_fn(args)
-        check_inputs(plan)
-        with _sigterm_as_interrupt():
-            execute(plan, [*prog.split(), *argv])
-        return 0
-    except KeyboardInterrupt:
-        name = plan.storage.name if plan else None
-        print(f"interrupted; resume with: {_resume_command(prog, argv, name)}",
-              file=sys.stderr, flush=True)
-        return 130
-    except Exception as e:  # a bad input, or a stage failed (TrainingFailedError, OOM, ...)
-        return report_failure(e, debug)
+    """Parse, plan, check and execute a pipeline command; returns its exit code."""
+    planned: list[Plan] = []
+
+    def body(args: list[str]) -> int:
+        planned.append(plan_fn(parser.parse_args(args)))
+        check_inputs(planned[0])
+        execute(planned[0], [*prog.split(), *args])
+        return EXIT_OK
+
+    return run_main(prog, argv, body, PIPELINE_ERRORS,
+                    resume_name=lambda: planned[0].storage.name if planned else None)
 
 
 def main_single_stage(stage: str, argv: Sequence[str] | None = None,
@@ -427,7 +348,6 @@ def main_full(argv: Sequence[str] | None = None,
                        full_parser())
 
 
-__all__ = ["CommandParser", "Plan", "UsageError", "check_data", "check_input_checkpoint",
-           "check_inputs", "check_models", "execute", "full_parser", "main_full",
-           "main_single_stage", "plan_full", "plan_single", "report_failure", "stage_parser",
-           "summary"]
+__all__ = ["PIPELINE_ERRORS", "Plan", "check_data", "check_input_checkpoint", "check_inputs",
+           "check_models", "execute", "full_parser", "main_full", "main_single_stage",
+           "plan_full", "plan_single", "run_command", "stage_parser", "summary"]

@@ -19,7 +19,8 @@ transform (resize to size / 0.875, centre crop, ImageNet mean/std), converted to
 ``--subnet dynamic``, the default), or ``largest``. ``--csv`` writes the same rows
 atomically. Errors print one line on stderr (a traceback with ``--debug``): exit 2 for a
 usage problem (bad flag or --subnet, a missing or unusable checkpoint, a missing input, no
-images found), 1 for a runtime failure (an unreadable image). Ray is never imported.
+images found), 1 for a runtime failure (an unreadable image, anything unexpected), 130 when
+interrupted (:mod:`pipelines.command`). Ray is never imported.
 """
 
 from __future__ import annotations
@@ -29,11 +30,19 @@ import csv
 import math
 import os
 import sys
-import traceback
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING
+
+from pipelines.command import (
+    EXIT_OK,
+    CommandParser,
+    ErrorKinds,
+    UsageError,
+    add_debug_option,
+    run_main,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -43,21 +52,11 @@ if TYPE_CHECKING:
     Transform = Callable[[Image], torch.Tensor]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
-
-
-class UsageError(Exception):
-    """A bad command line (exit 2)."""
+PROG = "python -m pipelines.predict"
 
 
 class PredictError(Exception):
     """A runtime failure such as an unreadable image (exit 1)."""
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse that raises instead of printing the usage block and exiting."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise UsageError(f"{message} (see --help)")
 
 
 @dataclass
@@ -72,8 +71,7 @@ class Prediction:
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line (errors raise :class:`UsageError`)."""
-    p = _Parser(prog="python -m pipelines.predict",
-                description="Classify images with a dsnet checkpoint.")
+    p = CommandParser(prog=PROG, description="Classify images with a dsnet checkpoint.")
     p.add_argument("inputs", nargs="+", metavar="INPUTS", help="image files or folders")
     p.add_argument("--checkpoint", required=True, metavar="CKPT",
                    help="self-describing dsnet checkpoint (dsnet.save_checkpoint)")
@@ -85,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="input resolution (default: the checkpoint config's, else the model's)")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"))
     p.add_argument("--use-ema", action="store_true", help="use the checkpoint's EMA weights")
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    add_debug_option(p)
     return p
 
 
@@ -288,26 +286,14 @@ def run(args: argparse.Namespace) -> list[Prediction]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point; returns the exit code (0 ok, 1 runtime failure, 2 usage)."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    debug = "--debug" in argv
-    try:
-        run(build_parser().parse_args(argv))
-    except UsageError as e:
-        return _fail(f"error: {e}", 2, debug)
-    except (PredictError, OSError, RuntimeError) as e:
-        return _fail(f"error: {e}", 1, debug)
-    except KeyboardInterrupt:
-        return _fail("interrupted", 130, debug)
-    return 0
+    """Entry point; returns the exit code (0 ok, 1 runtime failure, 2 usage, 130
+    interrupted; see :mod:`pipelines.command`)."""
 
+    def body(args: list[str]) -> int:
+        run(build_parser().parse_args(args))
+        return EXIT_OK
 
-def _fail(message: str, code: int, debug: bool) -> int:
-    """Print the one-line error (after the traceback with --debug); return the exit code."""
-    if debug:
-        traceback.print_exc()
-    print(message.splitlines()[0] if message else "error", file=sys.stderr)
-    return code
+    return run_main(PROG, argv, body, ErrorKinds(failure=(PredictError,)))
 
 
 if __name__ == "__main__":

@@ -15,8 +15,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from dsnet.config import ConfigError, RayConfig, StageConfig, config_to_dict
+from dsnet.config import ConfigError, StageConfig, config_to_dict
 from dsnet.utils.provenance import json_text, now, versions
+from pipelines.config import RayConfig
 from pipelines.storage import RunStorage, as_storage
 
 RUN_FILE = "run.json"

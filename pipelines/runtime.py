@@ -19,19 +19,18 @@ import contextlib
 import logging
 import os
 import shutil
-import signal
 import socket
 import sys
 import tempfile
-import threading
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
 
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from dsnet.config import RayConfig, StageConfig
+from dsnet.config import StageConfig
+from pipelines.command import trap_sigterm
+from pipelines.config import RayConfig
 from pipelines.storage import RunStorage, StorageError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -398,18 +397,3 @@ class RaySession:
         if self.connected:
             ray.shutdown()
         self.connected = self.ready = False
-
-
-def _raise_interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt
-
-
-def trap_sigterm() -> Any:
-    """Make SIGTERM (``ray job stop``, a scheduler) raise KeyboardInterrupt, like Ctrl-C, so
-    the command cancels its stage and records it; returns the previous handler.
-
-    Does nothing (returns None) outside the main thread, where signals cannot be handled.
-    """
-    if threading.current_thread() is not threading.main_thread():
-        return None
-    return signal.signal(signal.SIGTERM, _raise_interrupt)

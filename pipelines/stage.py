@@ -47,7 +47,7 @@ from ray.train import (
 from ray.train.torch import TorchConfig, TorchTrainer
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from dsnet.config import RayConfig, StageConfig, config_to_dict, stage_config_from_dict
+from dsnet.config import StageConfig, config_to_dict, stage_config_from_dict
 from dsnet.models.checkpoint import CheckpointError, first_readable, rotation_candidates
 from dsnet.train.distributed import DistContext
 from dsnet.train.engine import (
@@ -59,6 +59,7 @@ from dsnet.train.engine import (
     run_stage,
 )
 from dsnet.utils.provenance import now, to_builtins
+from pipelines.config import RayConfig
 from pipelines.faults import FaultHook, fault_from_env
 from pipelines.run_record import RunRecord, checkpoint_fields
 from pipelines.runtime import RaySession, worker_cpus, worker_gpus

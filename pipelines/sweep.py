@@ -59,10 +59,8 @@ import itertools
 import json
 import math
 import re
-import shlex
 import sys
 import time
-import typing
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,38 +69,38 @@ from typing import Any
 import ray.train
 
 from dsnet.config import (
-    STAGES,
-    ConfigError,
-    PipelineConfig,
-    RayConfig,
     StageConfig,
     apply_overrides,
     config_to_dict,
-    load_pipeline_config,
-    ray_config_from_dict,
     stage_config_from_dict,
 )
 from dsnet.configs import CONFIG_DIR, find_config
 from dsnet.utils.atomic import atomic_write_json
 from dsnet.utils.provenance import to_builtins
-from pipelines.cli import UsageError, report_failure
+from pipelines.cli import PIPELINE_ERRORS
+from pipelines.command import (
+    EXIT_FAILED,
+    EXIT_OK,
+    CommandParser,
+    add_debug_option,
+    add_set_option,
+    run_main,
+)
+from pipelines.config import (
+    RayConfig,
+    override_pipeline,
+    ray_config_from_dict,
+)
 from pipelines.run_record import RunRecord
 from pipelines.runtime import (
     RaySession,
     check_resources,
-    trap_sigterm,
     worker_cpus,
     worker_gpus,
 )
 from pipelines.stage import error_summary, fit_stage, run_stages
-from pipelines.storage import is_uri
-from pipelines.sweep_config import (
-    Dist,
-    SweepConfig,
-    load_sweep_config,
-    suggest,
-    typed_value,
-)
+from pipelines.sweep_config import Dist, SweepConfig
+from pipelines.sweep_plan import SUPERNET_STAGES, SweepPlan, make_plan, override_item
 from pipelines.sweep_results import (
     SweepOutcome,
     check_same_sweep,
@@ -115,117 +113,7 @@ from pipelines.sweep_results import (
 
 DEFAULT_SWEEP = CONFIG_DIR / "sweep_default.yml"
 PROG = "python -m pipelines.sweep"
-SUPERNET_STAGES = ("supernet", "reset_bn")  # space keys of these define the shared supernet
 OBJECTIVES = {"top1": "max", "madds": "min"}  # the multi-objective search's targets
-
-
-# ----------------------------------------------------------------------------- plan
-
-
-def override_item(key: str, value: Any) -> str:
-    """``KEY=VALUE`` for :func:`dsnet.config.apply_overrides` (JSON is valid YAML)."""
-    return f"{key}={json.dumps(to_builtins(value))}"
-
-
-def _check_space_values(space: Mapping[str, Dist], pipeline: PipelineConfig,
-                        supernet_given: bool) -> None:
-    """Every value of the space applied to a copy of the pipeline, as ``--set`` would."""
-    for key, dist in space.items():
-        stage, _, field_name = key.partition(".")
-        if stage not in STAGES or not field_name:
-            raise ConfigError(f"space '{key}': keys are STAGE.KEY with STAGE one of "
-                              f"{', '.join(STAGES)}{suggest(stage, STAGES)}, e.g. "
-                              "'gate.complexity_weight'")
-        if supernet_given and stage in SUPERNET_STAGES:
-            raise ConfigError(f"space '{key}': --supernet gives a trained supernet; drop the "
-                              f"{stage} keys from the space or omit --supernet")
-        if stage in SUPERNET_STAGES and not dist.finite:
-            raise ConfigError(f"space '{key}': supernet keys need a finite list (grid or "
-                              f"choice): each distinct supernet is trained before the trials")
-        for value in dist.values:  # grid/choice values, or the bounds
-            try:
-                apply_overrides(copy.deepcopy(pipeline), [override_item(key, value)])
-            except ConfigError as e:
-                raise ConfigError(f"space '{key}' value {value!r}: {e}") from None
-        if not dist.finite and not _takes_float(field_name):
-            raise ConfigError(f"space '{key}': {dist.kind} samples floats but '{field_name}' "
-                              "is not a float key; use grid or choice")
-
-
-def _takes_float(name: str) -> bool:
-    tp = typing.get_type_hints(StageConfig).get(name)
-    return tp is float or float in typing.get_args(tp)
-
-
-@dataclass
-class SweepPlan:
-    """Everything a sweep runs, resolved before Ray starts."""
-
-    cfg: SweepConfig
-    pipeline: PipelineConfig
-    trial_ray: RayConfig
-    sweep_dir: Path
-    supernet: str | None  # --supernet: a recalibrated checkpoint, no supernet training
-    command: list[str]
-
-    @property
-    def tune_dir(self) -> Path:
-        """Tune's experiment folder (its presence means: resume)."""
-        return self.sweep_dir / "tune"
-
-
-def _absolute_inputs(pipeline: PipelineConfig) -> None:
-    """Existing relative ``data``/``resume`` paths made absolute: Train workers run in a
-    folder of their own."""
-    for cfg in pipeline.stages.values():
-        for key in ("data", "resume"):
-            value = getattr(cfg, key)
-            if value and not Path(value).is_absolute() and Path(value).exists():
-                setattr(cfg, key, str(Path(value).resolve()))
-
-
-def make_plan(args: argparse.Namespace, command: Sequence[str]) -> SweepPlan:
-    """Load and check the sweep config with the flags applied (no Ray)."""
-    cfg = load_sweep_config(args.config, args.overrides)
-    if args.num_samples is not None:
-        cfg.num_samples = typed_value("--num-samples", "num_samples", args.num_samples, int, 1)
-    if args.max_concurrent is not None:
-        cfg.max_concurrent = typed_value("--max-concurrent", "max_concurrent",
-                                    args.max_concurrent, int, 1)
-    pipeline = load_pipeline_config(cfg.pipeline, cfg.set)
-    _absolute_inputs(pipeline)
-    supernet = None
-    if args.supernet:
-        supernet = str(Path(args.supernet).resolve())
-        if not Path(supernet).is_file():
-            raise UsageError(f"supernet checkpoint not found: {args.supernet} (--supernet)")
-    _check_space_values(cfg.space, pipeline, supernet is not None)
-    _check_search(cfg)
-    trial_ray = ray_config_from_dict({**config_to_dict(pipeline.ray), **cfg.ray},
-                                     source=f"{args.config} [ray]")
-    name = args.name or cfg.name or time.strftime("sweep-%Y%m%d-%H%M%S")
-    output = args.output or cfg.output
-    if is_uri(output):
-        raise UsageError(f"--output {output}: a sweep folder is local or on a shared file "
-                         "system (Tune keeps its experiment state there and the driver "
-                         "writes the Pareto files); pipelines.full takes URIs")
-    sweep_dir = (Path(output) / name).resolve()
-    return SweepPlan(cfg, pipeline, trial_ray, sweep_dir, supernet, list(command))
-
-
-def _check_search(cfg: SweepConfig) -> None:
-    """Search/space combinations that cannot work, and optuna's presence."""
-    if cfg.search == "grid":
-        for key, dist in cfg.space.items():
-            if not dist.finite:
-                raise ConfigError(f"space '{key}': search 'grid' enumerates values; "
-                                  f"{dist.kind} needs search: random or optuna")
-    if cfg.search == "optuna":
-        try:
-            import optuna  # noqa: F401
-        except ImportError:
-            raise UsageError("search: optuna needs the optuna package: pip install optuna "
-                             "(or pip install -e '.[optuna]'), or use search: random") from None
 
 
 # ----------------------------------------------------------------------------- supernets
@@ -268,7 +156,7 @@ def prepare_supernets(plan: SweepPlan, session: RaySession,
     out = {}
     for sid, values in supernet_variants(plan.cfg.space).items():
         pipeline = copy.deepcopy(plan.pipeline)
-        apply_overrides(pipeline, [override_item(k, v) for k, v in values.items()])
+        override_pipeline(pipeline, [override_item(k, v) for k, v in values.items()])
         stages = {s: pipeline.stages[s] for s in SUPERNET_STAGES}
         if pipeline.ray.num_workers > 0:
             session.ensure()
@@ -556,10 +444,8 @@ def _fmt_corr(v: float) -> str:
 
 def parser() -> argparse.ArgumentParser:
     """The command line (see the module docstring)."""
-    from pipelines.cli import CommandParser
-
     p = CommandParser(prog=PROG, description="Ray Tune sweep of DS-Net gate training: "
-                "accuracy-vs-MAdds Pareto front.")
+                      "accuracy-vs-MAdds Pareto front.")
     p.add_argument("-c", "--config", default=str(DEFAULT_SWEEP), type=find_config,
                    help="sweep YAML, a path or a shipped config's name "
                         "(default: dsnet/configs/sweep_default.yml)")
@@ -570,18 +456,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--num-samples", type=int, metavar="K", help="Tune num_samples")
     p.add_argument("--max-concurrent", type=int, metavar="N",
                    help="at most N trials at once (also capped by free CPUs)")
-    p.add_argument("--set", dest="overrides", action="append", default=[],
-                   metavar="KEY=VALUE", help="override a sweep or pipeline key (repeatable)")
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    add_set_option(p, "override a sweep or pipeline key (repeatable)")
+    add_debug_option(p)
     return p
-
-
-def _resume_command(argv: Sequence[str], sweep_dir: Path | None) -> str:
-    argv = list(argv)
-    if sweep_dir is not None and not any(a == "--name" or a.startswith("--name=")
-                                         for a in argv):
-        argv += ["--name", sweep_dir.name]
-    return f"{PROG} {shlex.join(argv)}".strip()
 
 
 @dataclass
@@ -592,21 +469,14 @@ class _Run:
 def _execute(argv: list[str], run: _Run, callbacks: Sequence[Any]) -> int:
     args = parser().parse_args(argv)
     run.plan = make_plan(args, [*PROG.split(), *argv])
-    old = trap_sigterm()
-    try:
-        outcome = run_sweep(run.plan, callbacks=callbacks)
-    finally:
-        if old is not None:
-            import signal
-
-            signal.signal(signal.SIGTERM, old)
+    outcome = run_sweep(run.plan, callbacks=callbacks)
     print(summary(outcome, run.plan), flush=True)
     if outcome.interrupted:
         raise KeyboardInterrupt
     if not any(r["status"] == "done" for r in outcome.rows):
         print("error: no trial finished (see trials.csv)", file=sys.stderr, flush=True)
-        return 1
-    return 0
+        return EXIT_FAILED
+    return EXIT_OK
 
 
 def main(argv: Sequence[str] | None = None, callbacks: Sequence[Any] = ()) -> int:
@@ -616,17 +486,9 @@ def main(argv: Sequence[str] | None = None, callbacks: Sequence[Any] = ()) -> in
         argv: command-line arguments (default ``sys.argv[1:]``).
         callbacks: extra ``ray.tune.Callback`` objects for a new Tuner (tests).
     """
-    argv = list(sys.argv[1:] if argv is None else argv)
-    debug, run = "--debug" in argv, _Run()
-    try:
-        return _execute(argv, run, callbacks)
-    except KeyboardInterrupt:
-        sweep_dir = run.plan.sweep_dir if run.plan else None
-        print(f"interrupted; resume with: {_resume_command(argv, sweep_dir)}",
-              file=sys.stderr, flush=True)
-        return 130
-    except Exception as e:  # a bad input, Tune could not start, ...
-        return report_failure(e, debug)
+    run = _Run()
+    return run_main(PROG, argv, lambda args: _execute(args, run, callbacks), PIPELINE_ERRORS,
+                    resume_name=lambda: run.plan.sweep_dir.name if run.plan else None)
 
 
 if __name__ == "__main__":

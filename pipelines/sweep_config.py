@@ -1,10 +1,11 @@
-"""Sweep configuration: the sweep YAML's typed schema, its validation and ``--set`` keys.
+"""Sweep configuration: the sweep YAML's typed schema, its validation and ``--set`` routing.
 
 A sweep file (``dsnet/configs/sweep_default.yml``) names a base pipeline YAML, overrides of it,
 the Ray settings of each trial, the search (grid | random | optuna), ASHA early stopping
 and the ``space``: ``STAGE.KEY: {DIST: ARGS}``. :func:`load_sweep_config` reads and checks it
-all in one place (unknown keys with a suggestion, types, ranges, distributions), before
-any Ray work. Used by :mod:`pipelines.sweep`.
+all in one place, before any Ray work, with the validator of every config
+(:mod:`dsnet.utils.schema`: unknown keys with a suggestion, types, ranges, choices). Used by
+:mod:`pipelines.sweep`.
 """
 
 from __future__ import annotations
@@ -12,18 +13,29 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import yaml
+from typing import Annotated, Any, Literal, get_args
 
 from dsnet.config import ConfigError
 from dsnet.configs import CONFIG_DIR
+from dsnet.utils.schema import (
+    Count,
+    NonNegFloat,
+    NonNegInt,
+    Range,
+    build,
+    check_known,
+    coerce,
+    field_types,
+    read_yaml,
+    set_item,
+    split_item,
+    suggest,
+)
+from pipelines.config import RayConfig
 
-SEARCHES = ("grid", "random", "optuna")
-DISTRIBUTIONS = ("grid", "choice", "uniform", "loguniform")
-_SWEEP_KEYS = ("name", "output", "pipeline", "set", "ray", "search", "num_samples",
-               "max_concurrent", "seed", "asha", "space")
-_ASHA_KEYS = ("enabled", "grace_period", "reduction_factor", "max_t", "madds_weight")
+SearchKind = Literal["grid", "random", "optuna"]
+DistKind = Literal["grid", "choice", "uniform", "loguniform"]
+DISTRIBUTIONS: tuple[str, ...] = get_args(DistKind)
 
 
 # ----------------------------------------------------------------------------- config
@@ -33,7 +45,7 @@ _ASHA_KEYS = ("enabled", "grace_period", "reduction_factor", "max_t", "madds_wei
 class Dist:
     """One dimension of the search space: ``kind`` and its values or ``[low, high]``."""
 
-    kind: str
+    kind: DistKind
     values: list[Any]
 
     @property
@@ -47,10 +59,10 @@ class AshaConfig:
     """ASHA early stopping on ``score = top1 - madds_weight * madds / gate.madds_unit``."""
 
     enabled: bool = False
-    grace_period: int = 1
-    reduction_factor: float = 2.0
-    max_t: int | None = None  # None = the gate's epochs + 1 (one report per epoch + final)
-    madds_weight: float = 1.0  # top-1 points traded for one madds_unit of mean MAdds
+    grace_period: Count = 1
+    reduction_factor: Annotated[float, Range(1, open_low=True)] = 2.0
+    max_t: Count | None = None  # None = the gate's epochs + 1 (one report per epoch + final)
+    madds_weight: NonNegFloat = 1.0  # top-1 points traded for one madds_unit of mean MAdds
 
 
 @dataclass
@@ -61,46 +73,14 @@ class SweepConfig:
     output: str = "results"
     pipeline: str = str(CONFIG_DIR / "default.yml")
     set: list[str] = field(default_factory=list)
+    # RayConfig keys of each trial, over the pipeline's own
     ray: dict[str, Any] = field(default_factory=dict)
-    search: str = "grid"
-    num_samples: int = 1
-    max_concurrent: int | None = None
-    seed: int = 0
+    search: SearchKind = "grid"
+    num_samples: Count = 1
+    max_concurrent: Count | None = None  # None = as many as the free CPUs hold
+    seed: NonNegInt = 0
     asha: AshaConfig = field(default_factory=AshaConfig)
     space: dict[str, Dist] = field(default_factory=dict)
-
-
-def suggest(key: str, valid: Sequence[str]) -> str:
-    """``; did you mean 'X'?`` for the closest valid name, or ``""``."""
-    import difflib
-
-    # the start of a valid name (grace -> grace_period), else the closest spelling
-    close = [v for v in valid if v.startswith(key)] if len(key) >= 3 else []
-    close = close or difflib.get_close_matches(key, list(valid), n=1, cutoff=0.6)
-    return f"; did you mean '{close[0]}'?" if close else ""
-
-
-def _check_known(d: Mapping[str, Any], valid: Sequence[str], where: str) -> None:
-    for key in d:
-        if key not in valid:
-            raise ConfigError(f"{where}: unknown key '{key}'{suggest(str(key), valid)} "
-                              f"(valid: {', '.join(valid)})")
-
-
-def typed_value(where: str, key: str, value: Any, kind: type, low: float | None = None,
-           optional: bool = False) -> Any:
-    """``value`` checked to be of ``kind`` (ints accepted for floats) and ``>= low``."""
-    if value is None and optional:
-        return None
-    ok = isinstance(value, kind) and not (kind is not bool and isinstance(value, bool))
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        value, ok = float(value), True
-    if not ok:
-        raise ConfigError(f"{where}: '{key}' must be {kind.__name__}"
-                          f"{' or null' if optional else ''}, got {value!r}")
-    if low is not None and value < low:
-        raise ConfigError(f"{where}: '{key}' must be >= {low}, got {value!r}")
-    return value
 
 
 def parse_dist(key: str, spec: Any, where: str) -> Dist:
@@ -134,21 +114,17 @@ def _check_bounds(key: str, kind: str, values: list[Any], where: str) -> None:
                           f"{values[0]!r}")
 
 
-def _parse_asha(d: Any, where: str) -> AshaConfig:
-    if d is None:
-        return AshaConfig()
+def _trial_ray(d: Any, where: str) -> dict[str, Any]:
+    """The sweep's ``ray`` mapping, each key a RayConfig key of the right type and range
+    (the GPU-share rule is checked on the merged config, in :mod:`pipelines.sweep`)."""
     if not isinstance(d, Mapping):
-        raise ConfigError(f"{where}: 'asha' must be a mapping, got {d!r}")
-    _check_known(d, _ASHA_KEYS, f"{where} [asha]")
-    w = f"{where} [asha]"
-    a = AshaConfig()
-    a.enabled = typed_value(w, "enabled", d.get("enabled", a.enabled), bool)
-    a.grace_period = typed_value(w, "grace_period", d.get("grace_period", a.grace_period), int, 1)
-    a.reduction_factor = typed_value(w, "reduction_factor",
-                                d.get("reduction_factor", a.reduction_factor), float, 1.000001)
-    a.max_t = typed_value(w, "max_t", d.get("max_t"), int, 1, optional=True)
-    a.madds_weight = typed_value(w, "madds_weight", d.get("madds_weight", a.madds_weight), float, 0)
-    return a
+        raise ConfigError(f"{where}: 'ray' must be a mapping of RayConfig keys, got {d!r}")
+    fields = field_types(RayConfig)
+    check_known(d, list(fields), f"{where} [ray]")
+    try:
+        return {k: coerce(k, v, fields[k]) for k, v in d.items()}
+    except ConfigError as e:
+        raise ConfigError(f"{where} [ray]: {e}") from None
 
 
 def sweep_config_from_dict(d: Mapping[str, Any], base_dir: Path, where: str) -> SweepConfig:
@@ -156,68 +132,34 @@ def sweep_config_from_dict(d: Mapping[str, Any], base_dir: Path, where: str) -> 
     ``base_dir``. Raises ConfigError with the offending key."""
     if not isinstance(d, Mapping):
         raise ConfigError(f"{where}: expected a mapping of sweep keys, got {type(d).__name__}")
-    _check_known(d, _SWEEP_KEYS, where)
-    c = SweepConfig()
-    c.name = typed_value(where, "name", d.get("name"), str, optional=True)
-    c.output = typed_value(where, "output", d.get("output", c.output), str)
-    pipeline = typed_value(where, "pipeline", d.get("pipeline", "default.yml"), str)
-    c.pipeline = str((base_dir / pipeline).resolve())
-    c.set = list(d.get("set") or [])
-    if not all(isinstance(s, str) for s in c.set):
-        raise ConfigError(f"{where}: 'set' must be a list of 'KEY=VALUE' strings")
-    c.ray = dict(typed_value(where, "ray", d.get("ray") or {}, dict))
-    c.search = d.get("search", c.search)
-    if c.search not in SEARCHES:
-        raise ConfigError(f"{where}: 'search' must be one of {', '.join(SEARCHES)}, got "
-                          f"{c.search!r}{suggest(str(c.search), SEARCHES)}")
-    c.num_samples = typed_value(where, "num_samples", d.get("num_samples", 1), int, 1)
-    c.max_concurrent = typed_value(where, "max_concurrent", d.get("max_concurrent"), int, 1,
-                              optional=True)
-    c.seed = typed_value(where, "seed", d.get("seed", 0), int, 0)
-    c.asha = _parse_asha(d.get("asha"), where)
+    check_known(d, list(field_types(SweepConfig)), where)
+    # an empty section in the YAML (``set:``, ``asha:``) means its default
+    d = {k: v for k, v in d.items() if not (v is None and k in ("set", "ray", "asha"))}
     space = d.get("space")
     if not isinstance(space, Mapping) or not space:
         raise ConfigError(f"{where}: 'space' must be a non-empty mapping of STAGE.KEY: "
                           f"{{DIST: ARGS}}, e.g. 'gate.complexity_weight: {{grid: [0.1, 1]}}'")
-    c.space = {str(k): parse_dist(str(k), v, where) for k, v in space.items()}
-    return c
+    d["space"] = {str(k): parse_dist(str(k), v, where) for k, v in space.items()}
+    d["ray"] = _trial_ray(d.get("ray", {}), where)
+    cfg = build(SweepConfig, {"pipeline": "default.yml", **d}, where)
+    cfg.pipeline = str((base_dir / cfg.pipeline).resolve())
+    return cfg
 
 
 def _split_set(items: Sequence[str]) -> tuple[list[str], list[str]]:
     """``--set`` items for the sweep (its own keys, ``ray.``, ``asha.``, ``space.``) and
-    for the pipeline (``pipeline.`` prefix removed, or any other key)."""
+    for the pipeline (``pipeline.KEY`` with the prefix removed, or any other key)."""
     sweep_items, pipeline_items = [], []
+    own = set(field_types(SweepConfig)) - {"set"}
     for item in items:
-        key = item.partition("=")[0].strip()
-        head = key.split(".", 1)[0]
-        if "=" not in item or not key:
-            raise ConfigError(f"malformed override {item!r}: expected KEY=VALUE, e.g. "
-                              f"'gate.epochs=2' or 'search=random'")
-        if head == "pipeline":
+        head, dot, _ = split_item(item)[0].partition(".")
+        if head == "pipeline" and dot:
             pipeline_items.append(item.split(".", 1)[1])
-        elif head in _SWEEP_KEYS and head not in ("pipeline", "set"):
+        elif head in own:
             sweep_items.append(item)
         else:
             pipeline_items.append(item)
     return sweep_items, pipeline_items
-
-
-def _set_sweep_key(d: dict[str, Any], item: str) -> None:
-    """Apply one sweep ``--set`` item (values parsed as YAML) to the raw sweep mapping."""
-    key, _, raw = item.partition("=")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"override {item!r}: malformed value ({e.__class__.__name__})") from None
-    head, _, rest = key.strip().partition(".")
-    if head in ("ray", "asha", "space"):
-        if not rest:
-            raise ConfigError(f"override {item!r}: give a sub-key, e.g. '{head}.KEY=VALUE'")
-        section = d.get(head)
-        d[head] = section = dict(section) if isinstance(section, Mapping) else {}
-        section[rest] = value
-    else:
-        d[head] = value
 
 
 def load_sweep_config(path: str | Path, overrides: Sequence[str] = ()) -> SweepConfig:
@@ -225,14 +167,16 @@ def load_sweep_config(path: str | Path, overrides: Sequence[str] = ()) -> SweepC
 
     The pipeline overrides among ``overrides`` are appended to the config's ``set`` list.
     """
-    from dsnet.config import read_yaml  # one YAML reader, one set of error messages
-
     path = Path(path)
     d = dict(read_yaml(path))
     d.setdefault("name", path.stem)
     sweep_items, pipeline_items = _split_set(overrides)
     for item in sweep_items:
-        _set_sweep_key(d, item)
+        set_item(d, SweepConfig, *split_item(item), item)
     cfg = sweep_config_from_dict(d, path.parent, str(path))
     cfg.set = [*cfg.set, *pipeline_items]
     return cfg
+
+
+__all__ = ["AshaConfig", "DISTRIBUTIONS", "Dist", "SweepConfig", "load_sweep_config",
+           "parse_dist", "sweep_config_from_dict"]

@@ -16,7 +16,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from dsnet.config import (
     ConfigError,
@@ -28,9 +28,7 @@ from dsnet.utils.atomic import atomic_write_json, atomic_write_text
 from dsnet.utils.provenance import to_builtins, versions
 from pipelines.stage import error_summary
 from pipelines.sweep_config import Dist, SweepConfig
-
-if TYPE_CHECKING:  # the plan is built in pipelines.sweep, which imports this module
-    from pipelines.sweep import SweepPlan
+from pipelines.sweep_plan import SweepPlan
 
 TRIAL_STATUSES = ("done", "error", "stopped", "incomplete")  # trials.csv's status column
 # Correlated with mean MAdds in sweep.json: larger weight -> cheaper, larger target -> dearer.

@@ -10,7 +10,7 @@ import torch
 
 import dsnet
 from dsnet.models.checkpoint import CheckpointError, model_from_checkpoint
-from tests.test_model import reference_keys, small_model
+from tests.helpers import reference_keys, small_model
 
 
 def release_style_checkpoint(path, with_ema=True, prefix="module."):

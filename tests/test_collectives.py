@@ -41,12 +41,12 @@ from torch.utils._pytree import tree_flatten, tree_map
 from torch.utils.data import DataLoader, TensorDataset
 
 import dsnet.train.distributed
-from dsnet.config import ConfigError, RayConfig, ray_config_from_dict, validate_ray
+from dsnet.config import ConfigError
 from dsnet.eval.evaluate import evaluate_dynamic, evaluate_routing, evaluate_subnet
 from dsnet.train.distributed import DistContext
 from dsnet.train.stages import make_runner
-from tests.test_model import small_model
-from tests.test_recipe import stage_cfg, toy_bundle
+from pipelines.config import RayConfig, ray_config_from_dict, validate_ray
+from tests.helpers import small_model, stage_cfg, toy_bundle
 
 ACCEL = torch.device("meta")  # what the pretend accelerator's tensors report
 _aten = torch.ops.aten

@@ -1,26 +1,39 @@
-"""Tests of dsnet.config: loading, validation, overrides and precedence (no torch, no ray)."""
+"""Tests of dsnet.config, pipelines.config and the validator they share
+(dsnet.utils.schema): loading, validation, overrides and precedence (no torch, no ray)."""
 
+import dataclasses
 import json
+import typing
 from pathlib import Path
 
 import pytest
 import yaml
 
+import dsnet.config
+import pipelines.config
+import pipelines.sweep_config
 from dsnet.config import (
+    DATASETS,
     STAGES,
     ConfigError,
-    PipelineConfig,
-    RayConfig,
     StageConfig,
     apply_overrides,
     config_to_dict,
-    load_pipeline_config,
     load_stage_config,
-    pipeline_config_from_dict,
     stage_config_from_dict,
     validate_stage,
 )
 from dsnet.configs import CONFIG_DIR
+from dsnet.utils.schema import alternatives, choices, field_types, unwrap
+from pipelines.config import (
+    PipelineConfig,
+    RayConfig,
+    load_pipeline_config,
+    load_stage_command,
+    override_pipeline,
+    pipeline_config_from_dict,
+)
+from pipelines.sweep_config import load_sweep_config
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted(CONFIG_DIR.glob("*.yml"))
@@ -52,10 +65,14 @@ def test_configs_folder_is_not_empty():
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_every_config_loads(path):
     data = yaml.safe_load(path.read_text())
-    if "space" in data:  # a sweep config (pipelines.sweep)
-        from pipelines.sweep_config import load_sweep_config
-
-        assert load_sweep_config(path) is not None
+    if "space" in data:  # a sweep config (pipelines.sweep): its values, resolved
+        cfg = load_sweep_config(path)
+        assert cfg.name == data.get("name", path.stem)
+        assert cfg.search == data.get("search", "grid") and cfg.set == (data.get("set") or [])
+        assert set(cfg.space) == set(data["space"])
+        assert cfg.ray == (data.get("ray") or {})
+        assert Path(cfg.pipeline).is_absolute() and Path(cfg.pipeline).is_file()
+        assert load_pipeline_config(cfg.pipeline, cfg.set).stages["gate"].stage == "gate"
     elif any(slot in data for slot in ("supernet", "gate", "stages")):
         cfg = load_pipeline_config(path)
         assert set(cfg.stages) == set(STAGES)
@@ -196,6 +213,8 @@ def test_ray_ranges():
         pipeline_config_from_dict(_pipeline(ray={"use_gpus": True}))
     with pytest.raises(ConfigError, match=r"\[ray\]: key 'min_free_mb' must be >= 0"):
         pipeline_config_from_dict(_pipeline(ray={"min_free_mb": -5}))
+    with pytest.raises(ConfigError, match=r"\[ray\]: key 'num_to_keep' must be >= 1"):
+        pipeline_config_from_dict(_pipeline(ray={"num_to_keep": 0}))
     with pytest.raises(ConfigError, match=r"key 'placement_strategy' must be one of .*"
                                           r"got 'SPRED' \(did you mean 'SPREAD'\?\)"):
         pipeline_config_from_dict(_pipeline(ray={"placement_strategy": "SPRED"}))
@@ -276,9 +295,9 @@ def test_load_stage_config_defaults_precedence(tmp_path):
 
 def test_overrides_pipeline():
     cfg = pipeline_config_from_dict(_pipeline(name="p"))
-    out = apply_overrides(cfg, ["supernet.epochs=3", "ray.num_workers=1", "lr=0.05",
-                                "data=/x", "output=out", "eval_subnets=[0, 3]",
-                                "supernet.warmup-epochs=1"])
+    out = override_pipeline(cfg, ["supernet.epochs=3", "ray.num_workers=1", "lr=0.05",
+                                  "data=/x", "output=out", "eval_subnets=[0, 3]",
+                                  "supernet.warmup-epochs=1"])
     assert out is cfg
     assert cfg.stages["supernet"].epochs == 3 and cfg.stages["gate"].epochs == 150
     assert cfg.stages["supernet"].warmup_epochs == 1
@@ -294,7 +313,8 @@ def test_overrides_typed_parse():
     assert cfg.model_ema is False and cfg.lr == 1e-3 and cfg.routing_space == [1, 2, 3]
     assert cfg.resume == "" and cfg.aa is None and cfg.target_madds == 3e8
     pipe = pipeline_config_from_dict(_pipeline())
-    assert apply_overrides(pipe, ["name=2024"]).name == "2024"  # kept as text
+    assert override_pipeline(pipe, ["name=2024"]).name == "2024"  # kept as text
+    assert apply_overrides(cfg, ["dist_bn=reduce", "dist_bn="]).dist_bn == ""
 
 
 @pytest.mark.parametrize("item,pattern", [
@@ -312,7 +332,7 @@ def test_overrides_errors(item, pattern):
     cfg = pipeline_config_from_dict(_pipeline())
     before = config_to_dict(cfg)
     with pytest.raises(ConfigError, match=pattern):
-        apply_overrides(cfg, [item])
+        override_pipeline(cfg, [item])
     assert config_to_dict(cfg) == before  # all-or-nothing
 
 
@@ -339,3 +359,65 @@ def test_pipeline_round_trip():
     assert set(d) == {"name", "output", "ray", "stages"}
     assert pipeline_config_from_dict(d) == cfg
     assert isinstance(cfg, PipelineConfig)
+
+
+# --- the schema: ranges and choices declared by the types -----------------------------
+
+CONFIG_MODULES = (dsnet.config, pipelines.config, pipelines.sweep_config)
+
+
+def _config_classes() -> list[type]:
+    """Every dataclass defined in the config modules."""
+    return [c for m in CONFIG_MODULES for c in vars(m).values()
+            if dataclasses.is_dataclass(c) and isinstance(c, type) and c.__module__ == m.__name__]
+
+
+def _numbers_without_range(cls: type) -> list[str]:
+    """Fields of ``cls`` that take an int or a float but declare no Range."""
+    return [name for name, tp in field_types(cls).items() for alt in alternatives(tp)
+            if unwrap(alt)[0] in (int, float) and unwrap(alt)[1] is None]
+
+
+def test_every_numeric_field_declares_a_range():
+    classes = _config_classes()
+    assert {c.__name__ for c in classes} >= {"StageConfig", "RayConfig", "PipelineConfig",
+                                             "SweepConfig", "AshaConfig", "Dist"}
+    assert {c.__name__: _numbers_without_range(c) for c in classes} == {
+        c.__name__: [] for c in classes}
+
+
+def test_range_check_finds_a_bare_number():
+    """The check above could fail: an int field without a Range is reported."""
+
+    @dataclasses.dataclass
+    class Bare:
+        ok: dsnet.config.Count = 1
+        bare: int | None = None
+
+    assert _numbers_without_range(Bare) == ["bare"]
+
+
+LITERAL_FIELDS = [name for name, tp in field_types(StageConfig).items() if choices(tp)]
+
+
+def test_choices_are_read_from_the_types():
+    assert STAGES == typing.get_args(dsnet.config.StageName) == ("supernet", "reset_bn", "gate")
+    assert DATASETS == choices(field_types(StageConfig)["dataset"])
+    assert len(LITERAL_FIELDS) >= 15 and "placement_strategy" in {
+        n for n, tp in field_types(RayConfig).items() if choices(tp)}
+
+
+@pytest.mark.parametrize("name", LITERAL_FIELDS)
+def test_every_enumeration_refuses_other_values(name):
+    with pytest.raises(ConfigError, match=f"key '{name}' must be one of"):
+        stage_config_from_dict({name: "no-such-choice"})
+
+
+def test_stage_command_splits_ray_items():
+    path = CONFIG_DIR / "mobilenetv1_bn_uniform_gate.yml"
+    cfg, ray_cfg = load_stage_command(path, ["ray.num_workers=0", "lr=0.3"], "gate")
+    assert (cfg.stage, cfg.lr, ray_cfg.num_workers) == ("gate", 0.3, 0)
+    with pytest.raises(ConfigError, match="unknown ray key 'num_worker'; did you mean"):
+        load_stage_command(path, ["ray.num_worker=1"], "gate")
+    with pytest.raises(ConfigError, match=r"--set \[ray\]: key 'num_to_keep' must be >= 1"):
+        load_stage_command(path, ["ray.num_to_keep=0"], "gate")

@@ -1,20 +1,19 @@
 """DS-ResNet: torchvision/timm parity, MAdds, load_pretrained, Stage I's ``pretrained:``,
-checkpoints, training on the ResNet family (the export/dynamic/masked contracts are the
-shared tests of test_model, test_inference and test_masked_estimator, run for every model)."""
+checkpoints, training on the ResNet family (the export/dynamic/MAdds/checkpoint contracts
+of every model are in test_contracts, the masked ones in test_inference and
+test_masked_estimator)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from torch.utils.data import TensorDataset
 
 import dsnet
-from dsnet.config import ConfigError, stage_config_from_dict
-from dsnet.data.datasets import DataBundle
+from dsnet.config import ConfigError, StageConfig
 from dsnet.models.export import export_subnet
 from dsnet.train.distributed import DistContext
 from dsnet.train.stages import make_runner
-from tests.test_model import randomize_bn, randomize_bn_stats
+from tests.helpers import randomize_bn, randomize_bn_stats, stage_cfg, toy_bundle
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -108,14 +107,13 @@ def test_resnet50_madds_match_torchvision():
 
 
 @pytest.mark.parametrize("name, size, kw", [
-    ("ds_resnet_small", 28, {}),
     ("ds_resnet_small", 28, {"attention": False}),
     ("ds_resnet_small", 28, {"slice_residual": False}),
-    ("ds_resnet50", 64, {}),
 ])
 def test_madds_equal_the_forward_work(name, size, kw):
     """The analytic count equals the work measured by hooks on a real forward (every conv,
-    the average pools, the classifier) for every subnet (three of ResNet-50's)."""
+    the average pools, the classifier) for every subnet, in the variants the registered
+    defaults do not cover (those: test_contracts, on the exported networks)."""
     torch.manual_seed(0)
     model = dsnet.create_model(name, **kw).eval()
     work = []
@@ -209,30 +207,19 @@ def test_load_pretrained_refuses_models_without_a_plain_counterpart(tmp_path):
 # ----------------------------------------------------------------------------- config, stages
 
 
-def toy_bundle(n: int = 64) -> DataBundle:
-    g = torch.Generator().manual_seed(0)
-    ds = TensorDataset(torch.randn(n, 1, 28, 28, generator=g), torch.randint(0, 10, (n,),
-                                                                             generator=g))
-    return DataBundle(train=ds, val=ds, num_classes=10, in_chans=1, img_size=28, name="toy")
-
-
-def stage_cfg(**kw):
-    base = {"model": "ds_resnet_small", "dataset": "synthetic", "epochs": 1, "batch_size": 32,
-            "lr": 0.05, "warmup_epochs": 0, "workers": 0, "num_random": 1, "seed": 0,
-            "validation_batch_size_multiplier": 1, "cooldown_epochs": 0, "aa": "",
-            "reprob": 0.0}
-    base.update(kw)
-    return stage_config_from_dict(base)
+def resnet_cfg(**kw) -> StageConfig:
+    """:func:`tests.helpers.stage_cfg` for ds_resnet_small: two batches of 32 a toy epoch."""
+    return stage_cfg(**{"model": "ds_resnet_small", "batch_size": 32, "lr": 0.05, **kw})
 
 
 def test_pretrained_key_takes_an_existing_file(tmp_path):
-    assert stage_cfg().pretrained is False
+    assert resnet_cfg().pretrained is False
     with pytest.raises(ConfigError, match="'pretrained': file .*nope.pth' not found"):
-        stage_cfg(pretrained=str(tmp_path / "nope.pth"))
+        resnet_cfg(pretrained=str(tmp_path / "nope.pth"))
     with pytest.raises(ConfigError, match="downloads no weights"):
-        stage_cfg(pretrained=True)
+        resnet_cfg(pretrained=True)
     path = plain_file(tmp_path, small_resnet(0))
-    assert stage_cfg(pretrained=str(path)).pretrained == str(path)
+    assert resnet_cfg(pretrained=str(path)).pretrained == str(path)
 
 
 def test_stage_one_starts_from_pretrained_and_trains(tmp_path):
@@ -241,7 +228,7 @@ def test_stage_one_starts_from_pretrained_and_trains(tmp_path):
     src = small_resnet(0)
     path = plain_file(tmp_path, src)
     model = dsnet.create_model("ds_resnet_small")
-    runner = make_runner(stage_cfg(pretrained=str(path)), model, toy_bundle(), DistContext(),
+    runner = make_runner(resnet_cfg(pretrained=str(path)), model, toy_bundle(), DistContext(),
                          None)
     x = torch.randn(2, 1, 28, 28)
     with torch.no_grad():
@@ -255,7 +242,7 @@ def test_stage_one_starts_from_pretrained_and_trains(tmp_path):
 def test_gate_stage_trains_the_resnet_head_with_both_estimators(estimator):
     model = small_resnet(0)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    runner = make_runner(stage_cfg(stage="gate", num_choice=4, estimator=estimator,
+    runner = make_runner(resnet_cfg(stage="gate", num_choice=4, estimator=estimator,
                                    complexity_weight=0.1, lr=0.5), model, toy_bundle(),
                          DistContext(), None)
     runner.train_epoch(0)
@@ -269,7 +256,6 @@ def test_gate_stage_trains_the_resnet_head_with_both_estimators(estimator):
 @pytest.mark.parametrize("name, kw, size", [
     ("ds_resnet_small", {"attention": False, "routing_space": (0, 4, 8, 13)}, 28),
     ("ds_resnet_small", {"slice_residual": False}, 28),
-    ("ds_resnet50", {}, 64),
 ])
 def test_checkpoint_round_trip(tmp_path, name, kw, size):
     torch.manual_seed(0)

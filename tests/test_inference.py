@@ -16,10 +16,10 @@ import torch
 from PIL import Image
 
 import dsnet
-from dsnet.models.export import DynamicStaticNet, export_dynamic, export_subnet
+from dsnet.models.export import DynamicStaticNet, export_dynamic
 from dsnet.models.layers import Swish
 from dsnet.models.masked import masked_dynamic_forward
-from tests.test_model import (
+from tests.helpers import (
     CONTRACT_INPUTS,
     assert_logits_close,
     point_head_at_samples,
@@ -102,14 +102,6 @@ def test_export_dynamic_is_scriptable():
         logits, scripted_choices = scripted.forward_with_choices(x)
     torch.testing.assert_close(logits, ref, rtol=1e-4, atol=1e-5)
     assert torch.equal(scripted_choices, choices)
-
-
-def test_static_subnet_exports_with_torch_export():
-    model, x = routed_model()
-    program = torch.export.export(export_subnet(model, 5), (x[:2],))
-    with torch.no_grad():
-        torch.testing.assert_close(program.module()(x[:2]), model(x[:2], subnet=5),
-                                   rtol=1e-4, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------- masked

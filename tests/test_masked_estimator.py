@@ -10,7 +10,7 @@ import dsnet
 from dsnet.models.madds import expected_madds, masked_expected_madds, routing_madds, widths_madds
 from dsnet.models.masked import _masked_tail, masked_dynamic_forward, masked_train_forward
 from dsnet.models.supernet import gumbel_sample, straight_through_gumbel
-from tests.test_model import randomize_bn
+from tests.helpers import randomize_bn
 
 GREY = {"ds_mbnet_small": (1, 28, 28), "ds_mbnet_tiny": (1, 28, 28),
         "ds_resnet_small": (1, 28, 28)}

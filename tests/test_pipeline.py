@@ -17,36 +17,15 @@ from pathlib import Path
 
 import pytest
 
-from dsnet.config import config_to_dict, load_pipeline_config
+from dsnet.config import STAGES, config_to_dict
 from dsnet.configs import CONFIG_DIR
 from dsnet.models.checkpoint import file_sha256
 from pipelines import full, supernet
+from pipelines.config import load_pipeline_config
 from pipelines.faults import FAULT_ENV, FAULT_MARKER_ENV
 from pipelines.runtime import REPO_ROOT, ResourceError, check_resources
 from tests.conftest import FAST_OVERRIDES
-
-TINY = CONFIG_DIR / "tiny.yml"
-STAGES = ("supernet", "reset_bn", "gate")
-# A supernet stage small enough for two fits in a test: 64 synthetic 16 px images.
-FAST_STAGE_YAML = """\
-dataset: synthetic
-synthetic_size: 64
-img_size: 16
-model: ds_mbnet_small
-workers: 0
-cooldown_epochs: 0
-aa: ''
-reprob: 0.0
-color_jitter: 0.0
-epochs: 2
-warmup_epochs: 0
-batch_size: 32
-num_random: 1
-"""
-
-
-def _run_json(run_dir: Path) -> dict:
-    return json.loads((run_dir / "run.json").read_text())
+from tests.helpers import FAST_STAGE_YAML, TINY, run_json
 
 
 def _cli(*args: str, env: dict | None = None) -> subprocess.Popen:
@@ -95,7 +74,7 @@ def test_in_process_pipeline_and_skip(tmp_path: Path, capsys: pytest.CaptureFixt
             "--num-workers", "0", *FAST_OVERRIDES]
     assert full.main(args) == 0
     run_dir = tmp_path / "local"
-    rec = _run_json(run_dir)
+    rec = run_json(run_dir)
     for stage in STAGES:
         assert rec["stages"][stage]["status"] == "done"
         assert (run_dir / stage / "local" / "checkpoint.pt").is_file()
@@ -137,7 +116,7 @@ def test_resource_check_fails_fast(ray_session: object, tmp_path: Path,
     assert "needs 8 CPUs for 8 workers x 1 CPU but the cluster has 2" in err
     assert "lower --num-workers or ray.cpus_per_worker" in err
     assert time.perf_counter() - t0 < 30
-    assert _run_json(tmp_path / "big")["stages"]["supernet"]["status"] == "pending"
+    assert run_json(tmp_path / "big")["stages"]["supernet"]["status"] == "pending"
     ray_cfg = load_pipeline_config(TINY, ["ray.num_workers=1", "ray.use_gpu=true"]).ray
     with pytest.raises(ResourceError, match="GPUs"):
         check_resources(ray_cfg)
@@ -150,7 +129,7 @@ def test_end_to_end_on_ray_then_skip(ray_session: object, tmp_path: Path,
     args = ["-c", str(TINY), "--output", str(tmp_path), "--name", "e2e"]
     assert full.main(args) == 0
     run_dir = tmp_path / "e2e"
-    rec = _run_json(run_dir)
+    rec = run_json(run_dir)
     assert set(rec["versions"]) >= {"dsnet", "torch", "ray", "python"}
     assert rec["seeds"] == {s: 42 for s in STAGES}
     cfg = load_pipeline_config(TINY)
@@ -179,7 +158,7 @@ def test_end_to_end_on_ray_then_skip(ray_session: object, tmp_path: Path,
     assert full.main(args) == 0
     assert time.perf_counter() - t0 < 20  # no fit, no Ray start
     assert capfd.readouterr().out.count("already done") == 3
-    again = _run_json(run_dir)
+    again = run_json(run_dir)
     for stage in STAGES:
         assert again["stages"][stage]["attempts"] == 1
         assert again["stages"][stage]["checkpoint"] == rec["stages"][stage]["checkpoint"]
@@ -197,12 +176,12 @@ def test_interrupted_stage_resumes_from_last_checkpoint(
             "--set", "ray.max_failures=0"]
     assert supernet.main(args) == 1
     run_dir = tmp_path / "r"
-    st = _run_json(run_dir)["stages"]["supernet"]
+    st = run_json(run_dir)["stages"]["supernet"]
     assert st["status"] == "failed" and "InjectedFault" in st["error"]
     assert list((run_dir / "supernet").glob("checkpoint_*/checkpoint.pt"))
 
     assert supernet.main(args) == 0
-    st = _run_json(run_dir)["stages"]["supernet"]
+    st = run_json(run_dir)["stages"]["supernet"]
     assert st["status"] == "done" and st["attempts"] == 2
     assert st["epochs_run"] == [1]  # epoch 0 came from the checkpoint
     assert Path(st["resumed_from"]).parent.parent == run_dir / "supernet"

@@ -9,35 +9,17 @@ import pytest
 import torch
 from timm.optim import param_groups_weight_decay
 from timm.scheduler import CosineLRScheduler
-from torch.utils.data import TensorDataset
 
 from dsnet.config import ConfigError, load_stage_config, stage_config_from_dict
 from dsnet.configs import CONFIG_DIR
-from dsnet.data.datasets import DataBundle
 from dsnet.train.distributed import DistContext
 from dsnet.train.engine import Hook, run_stage
 from dsnet.train.optim import build_optimizer, build_schedule, current_lr
 from dsnet.train.precision import Precision
 from dsnet.train.stages import loader_options, make_runner
-from tests.test_model import small_model
+from tests.helpers import small_model, stage_cfg, toy_bundle
 
 CONFIGS = CONFIG_DIR
-
-
-def toy_bundle(n: int = 64) -> DataBundle:
-    g = torch.Generator().manual_seed(0)
-    ds = TensorDataset(torch.randn(n, 1, 28, 28, generator=g), torch.randint(0, 10, (n,),
-                                                                            generator=g))
-    return DataBundle(train=ds, val=ds, num_classes=10, in_chans=1, img_size=28, name="toy")
-
-
-def stage_cfg(stage: str = "supernet", **kw):
-    base = {"stage": stage, "dataset": "synthetic", "epochs": 1, "batch_size": 16,
-            "lr": 0.1, "warmup_epochs": 0, "weight_decay": 1e-4, "workers": 0, "seed": 0,
-            "cooldown_epochs": 0, "num_random": 1, "validation_batch_size_multiplier": 1,
-            "num_choice": 4, "aa": "", "reprob": 0.0}
-    base.update(kw)
-    return stage_config_from_dict(base)
 
 
 # ----------------------------------------------------------------- optimizer and schedule

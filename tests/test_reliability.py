@@ -24,7 +24,7 @@ import pytest
 import torch
 
 import dsnet
-from dsnet.config import load_pipeline_config, stage_config_from_dict
+from dsnet.config import stage_config_from_dict
 from dsnet.data.datasets import DataBundle, DataError
 from dsnet.models.checkpoint import (
     CheckpointError,
@@ -36,10 +36,12 @@ from dsnet.models.checkpoint import (
 )
 from dsnet.train.engine import CheckpointHook, Hook, build_model, run_stage
 from pipelines import full, supernet
-from pipelines.faults import FAULT_ENV, FAULT_MARKER_ENV, FAULT_MODE_ENV, FAULT_RANK_ENV
+from pipelines.config import load_pipeline_config
+from pipelines.faults import FAULT_ENV, FAULT_MARKER_ENV
 from pipelines.runtime import REPO_ROOT
 from pipelines.stage import pick_resume_checkpoint, ray_resume_candidates
-from tests.test_pipeline import FAST_OVERRIDES, FAST_STAGE_YAML, TINY, _run_json
+from tests.conftest import FAST_OVERRIDES
+from tests.helpers import FAST_STAGE_YAML, TINY, run_json
 
 SOURCE_DIRS = ("dsnet", "pipelines")
 
@@ -176,7 +178,7 @@ def test_corrupt_latest_checkpoint_falls_back_in_process(
     assert supernet.main(args) == 0
     err = capsys.readouterr().err
     assert f"warning: [supernet] checkpoint {latest} is truncated or corrupt" in err
-    st = _run_json(tmp_path / "c")["stages"]["supernet"]
+    st = run_json(tmp_path / "c")["stages"]["supernet"]
     assert st["status"] == "done" and st["epochs_run"] == [1]
     assert st["resumed_from"] == str(previous_path(latest))
     assert [c["path"] for c in st["corrupt_checkpoints"]] == [str(latest)]
@@ -187,7 +189,7 @@ def test_corrupt_latest_checkpoint_falls_back_in_process(
     assert supernet.main(args) == 0
     assert f"warning: [supernet] checkpoint {latest} has another size or SHA-256 than run.json " \
         "recorded; resuming from the previous one instead" in capsys.readouterr().err
-    st = _run_json(tmp_path / "c")["stages"]["supernet"]
+    st = run_json(tmp_path / "c")["stages"]["supernet"]
     assert st["status"] == "done" and st["attempts"] == 3 and st["epochs_run"] == [1]
     assert st["resumed_from"] == str(previous_path(latest))
     assert st["distrust"] == [str(latest)]  # remembered, should this run be cut short
@@ -383,7 +385,7 @@ def test_driver_interrupted_or_killed_resumes(tmp_path: Path) -> None:
     epochs = []
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGKILL):
         code, err = _signal_after_next_checkpoint(_start(args), ckpt, sig)
-        st = _run_json(tmp_path / "n")["stages"]["supernet"]
+        st = run_json(tmp_path / "n")["stages"]["supernet"]
         epochs.append(read_checkpoint(ckpt)["epoch"])
         if sig == signal.SIGKILL:
             assert code == -signal.SIGKILL and st["status"] == "running"  # no chance to record
@@ -398,7 +400,7 @@ def test_driver_interrupted_or_killed_resumes(tmp_path: Path) -> None:
     proc = _start(args)
     out, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, out[-2000:] + err[-2000:]
-    rec = _run_json(tmp_path / "n")
+    rec = run_json(tmp_path / "n")
     st = rec["stages"]["supernet"]
     assert st["status"] == "done" and st["attempts"] == 4
     assert st["resumed_from"] == str(ckpt)
@@ -407,29 +409,6 @@ def test_driver_interrupted_or_killed_resumes(tmp_path: Path) -> None:
 
 
 # ----------------------------------------------------------------------------- Ray workers
-
-
-@pytest.mark.ray
-def test_killed_worker_is_restarted_and_resumes(
-        ray_session: object, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Rank 1 of 2 dies (``os._exit(1)``) after epoch 1 of 2: Ray restarts the group
-    (max_failures 1), which resumes from epoch 1's checkpoint in the same fit."""
-    cfg = tmp_path / "supernet.yml"
-    cfg.write_text(FAST_STAGE_YAML)
-    marker = tmp_path / "kill.marker"
-    for key, value in ((FAULT_ENV, "0"), (FAULT_MARKER_ENV, str(marker)),
-                       (FAULT_MODE_ENV, "exit"), (FAULT_RANK_ENV, "1")):
-        monkeypatch.setenv(key, value)
-    args = ["-c", str(cfg), "--output", str(tmp_path), "--name", "k", "--num-workers", "2",
-            "--set", "ray.max_failures=1"]
-    assert supernet.main(args) == 0
-    assert marker.exists()  # the kill happened
-    run_dir = tmp_path / "k"
-    st = _run_json(run_dir)["stages"]["supernet"]
-    assert st["status"] == "done" and st["attempts"] == 1  # one fit, restarted inside
-    assert st["epochs_run"] == [1]  # epoch 0 came from its checkpoint, not recomputed
-    assert Path(st["resumed_from"]).parent.parent == run_dir / "supernet"
-    assert st["corrupt_checkpoints"] == [] and st["metrics"]["epoch"] == 1
 
 
 def test_too_many_workers_for_this_machine_fails_before_ray_starts(tmp_path: Path) -> None:

@@ -1,7 +1,9 @@
-"""Repository hygiene: CI runs the README's test command; the library never imports Ray."""
+"""Repository hygiene: CI runs the README's test command; the library never imports Ray;
+test modules share helpers through tests/helpers.py, never through each other."""
 
 from __future__ import annotations
 
+import ast
 import re
 import subprocess
 import sys
@@ -35,3 +37,27 @@ def test_library_does_not_import_ray():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          cwd=ROOT, check=True)
     assert out.stdout.strip() == "False"
+
+
+def imported_modules(tree: ast.AST) -> set[str]:
+    """Every module an ``import`` / ``from ... import`` names (``from a import b``: ``a`` and
+    ``a.b``, as ``b`` may be a module), at any depth of the file."""
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):       # module None: ``from . import x``
+            base = f"{node.module}." if node.module else ""
+            names.update([node.module] if node.module else [])
+            names.update(base + alias.name for alias in node.names)
+    return names
+
+
+def test_test_modules_do_not_import_each_other():
+    offenders = {}
+    for path in sorted((ROOT / "tests").glob("test_*.py")):
+        found = sorted(m for m in imported_modules(ast.parse(path.read_text()))
+                       if re.fullmatch(r"(tests\.)?test_\w+(\..*)?", m))
+        if found:
+            offenders[path.name] = found
+    assert not offenders, f"import shared helpers from tests.helpers instead: {offenders}"

@@ -11,9 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from dsnet.config import RayConfig, StageConfig, load_pipeline_config
+from dsnet.config import StageConfig
 from dsnet.configs import CONFIG_DIR
 from pipelines import cli, full, runtime
+from pipelines.config import RayConfig, load_pipeline_config
 from pipelines.runtime import (
     AUTOSCALING_ENV,
     RaySession,
@@ -25,7 +26,7 @@ from pipelines.runtime import (
     worker_cpus,
 )
 from pipelines.stage import scaling_config
-from tests.test_pipeline import TINY
+from tests.helpers import TINY
 
 IMAGENET = CONFIG_DIR / "imagenet_ds_mbnet.yml"
 

@@ -15,15 +15,14 @@ from pathlib import Path
 import pyarrow.fs as pafs
 import pytest
 
-from dsnet.configs import CONFIG_DIR
+from dsnet.config import STAGES
 from pipelines import full
 from pipelines.faults import FAULT_ENV, FAULT_MARKER_ENV
 from pipelines.storage import RunStorage, StorageError, is_uri
 from tests.conftest import FAST_OVERRIDES, RAY_TEST_ENV
+from tests.helpers import TINY
 from tests.procs import free_ports, stop_group, wait_http
 
-TINY = CONFIG_DIR / "tiny.yml"
-STAGES = ("supernet", "reset_bn", "gate")
 BUCKET = "dsnet-runs"
 
 

@@ -18,11 +18,9 @@ import pytest
 import yaml
 
 from dsnet.config import ConfigError
-from dsnet.configs import CONFIG_DIR
 from pipelines import sweep
-from pipelines.cli import UsageError
+from pipelines.command import UsageError
 from pipelines.sweep import (
-    make_plan,
     param_space,
     parser,
     supernet_id,
@@ -31,6 +29,7 @@ from pipelines.sweep import (
     trial_gate_config,
 )
 from pipelines.sweep_config import AshaConfig, Dist, SweepConfig, load_sweep_config
+from pipelines.sweep_plan import SweepPlan, make_plan
 from pipelines.sweep_results import (
     check_same_sweep,
     expected_trials,
@@ -41,8 +40,8 @@ from pipelines.sweep_results import (
     resolved_config,
     static_curves,
 )
+from tests.helpers import TINY
 
-TINY = CONFIG_DIR / "tiny.yml"
 # tiny.yml's budgets on 64 synthetic 16 px images: a gate fit is ~1 s of work.
 FAST_SET = ["dataset=synthetic", "synthetic_size=64", "img_size=16", "batch_size=32",
             "gate.eval_subnets=[0,3]", "gate.madds_unit=1.0e6"]
@@ -58,7 +57,7 @@ def _sweep_yaml(tmp_path: Path, **keys: object) -> Path:
     return path
 
 
-def _plan(path: Path, *argv: str) -> sweep.SweepPlan:
+def _plan(path: Path, *argv: str) -> SweepPlan:
     return make_plan(parser().parse_args(["-c", str(path), *argv]), ["test"])
 
 
@@ -220,7 +219,7 @@ def test_sweep_folder_refuses_another_config(tmp_path: Path) -> None:
 
 
 def test_trial_concurrency_never_overbooks() -> None:
-    from dsnet.config import RayConfig
+    from pipelines.config import RayConfig
 
     one, two = RayConfig(num_workers=1), RayConfig(num_workers=2)
     assert trial_concurrency(None, one, {"CPU": 2.0}) == 2
@@ -236,7 +235,8 @@ def test_trial_concurrency_never_overbooks() -> None:
 
 def test_trial_gate_config_types_values_like_set() -> None:
     np = pytest.importorskip("numpy")
-    from dsnet.config import config_to_dict, load_pipeline_config
+    from dsnet.config import config_to_dict
+    from pipelines.config import load_pipeline_config
 
     base = config_to_dict(load_pipeline_config(TINY).stages["gate"])
     cfg = trial_gate_config(base, {"gate.complexity_weight": np.float64(1e-05),
@@ -298,8 +298,8 @@ def tiny_supernet(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A BN-recalibrated supernet of tiny.yml on 64 synthetic images, made in-process."""
     import torch
 
-    from dsnet.config import load_pipeline_config
     from dsnet.train.engine import CheckpointHook, run_stage
+    from pipelines.config import load_pipeline_config
 
     folder = tmp_path_factory.mktemp("supernet")
     cfg = load_pipeline_config(TINY, FAST_SET)

@@ -25,7 +25,7 @@ from dsnet.train.losses import (
 )
 from dsnet.train.sampling import sandwich_subnets
 from dsnet.train.stages import make_runner, routing_space_for
-from tests.test_model import small_model
+from tests.helpers import small_model
 
 
 def test_sandwich_sampler_is_identical_across_ranks_and_varies_by_step():

@@ -49,11 +49,9 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transf
 from torch.utils.data import Dataset
 from torchvision import datasets, transforms
 
-logger = logging.getLogger(__name__)
+from dsnet.config import DATASETS
 
-DATASETS: tuple[str, ...] = (
-    "fashion_mnist", "mnist5k", "imagenet", "imagefolder", "cifar10", "cifar100", "synthetic"
-)
+logger = logging.getLogger(__name__)
 
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 # Fashion-MNIST's official training split (60k images): pixel mean and std in [0, 1].

@@ -1,10 +1,13 @@
 """Run one training stage (supernet, reset_bn, gate) in this process.
 
 ``run_stage(cfg, dist=..., hooks=...)`` is the single entry point that both the in-process
-command (``python -m dsnet.train``) and the Ray Train workers (``pipelines``) call: it
-builds data and model from a :class:`~dsnet.config.StageConfig`, restores a checkpoint if
-asked, runs the stage's epochs, calls the hooks after every epoch (progress, checkpoints,
-Ray reports) and returns the final evaluation.
+chainer (``pipelines.full --num-workers 0``) and the Ray Train workers (``pipelines``) call:
+it builds data and model from a :class:`~dsnet.config.StageConfig`, restores a checkpoint
+if asked, runs the stage's epochs (a :class:`~dsnet.train.stages.StageRunner`), calls the
+hooks after every epoch (progress, checkpoints, Ray reports) and returns the final
+evaluation. A stage resumed from its checkpoint after epoch k repeats the uninterrupted
+run's epochs k+1.. bit for bit (on CPU with fixed threads): the checkpoint holds the
+state, and every epoch re-seeds its generators (:mod:`dsnet.train.rng`).
 """
 
 from __future__ import annotations
@@ -17,10 +20,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
-from dsnet.config import StageConfig, config_to_dict
+from dsnet.config import STAGES, StageConfig, config_to_dict
 from dsnet.data.datasets import DataBundle, DataError, build_datasets, check_num_classes
 from dsnet.models.checkpoint import (
     CheckpointError,
@@ -28,12 +30,10 @@ from dsnet.models.checkpoint import (
     load_state_dict_checked,
     read_checkpoint,
     rotate_save,
-    save_checkpoint,
 )
 from dsnet.models.registry import create_model
 from dsnet.train.distributed import DistContext
-
-STAGE_ORDER = ("supernet", "reset_bn", "gate")
+from dsnet.train.stages import StageRunner, make_runner
 
 
 @dataclass
@@ -204,12 +204,9 @@ def run_stage(cfg: StageConfig, *, dist: DistContext | None = None, hooks: Seque
     Returns:
         The stage's final metrics (and, for reset_bn/gate, the subnet and dynamic tables).
     """
-    from dsnet.train.stages import make_runner
-
     if cfg.threads > 0:  # oversubscribed cores make torch's spinning threads crawl
         torch.set_num_threads(cfg.threads)
     dist = dist or DistContext.from_environment(resolve_device(cfg.device))
-    np.random.seed((cfg.seed + dist.rank) % 2**32)  # timm's Mixup draws from numpy
     data = build_data(cfg)
     model = build_model(cfg, data)
     init = init_from or cfg.resume or None
@@ -223,7 +220,7 @@ def run_stage(cfg: StageConfig, *, dist: DistContext | None = None, hooks: Seque
     return _epoch_loop(cfg, runner, hooks, _first_epoch(cfg, runner, resume_from, init_ckpt))
 
 
-def _first_epoch(cfg: StageConfig, runner: Any, resume_from: str | Path | None,
+def _first_epoch(cfg: StageConfig, runner: StageRunner, resume_from: str | Path | None,
                  init_ckpt: dict | None) -> int:
     """Where the epoch loop starts, restoring what it continues from.
 
@@ -231,6 +228,7 @@ def _first_epoch(cfg: StageConfig, runner: Any, resume_from: str | Path | None,
     ``resume:`` checkpoint of this same stage continues it as the release's ``--resume``
     does: its epoch, EMA and, unless ``no_resume_opt``, optimizer state. Otherwise
     ``start_epoch`` (if set) says where to start, in the schedule and the sampling too.
+    No RNG state to restore: :func:`_epoch_loop` re-seeds every epoch.
     """
     start = 0
     if resume_from:
@@ -247,15 +245,23 @@ def _first_epoch(cfg: StageConfig, runner: Any, resume_from: str | Path | None,
 def check_stage_order(stage: str, ckpt: dict | None, path: Any) -> None:
     """Refuse a checkpoint from a later stage given to an earlier one."""
     done = (ckpt or {}).get("stage")
-    if done in STAGE_ORDER and STAGE_ORDER.index(done) > STAGE_ORDER.index(stage):
+    if done in STAGES and STAGES.index(done) > STAGES.index(stage):
         raise CheckpointError(f"{path} comes from the {done} stage, which runs after {stage}; "
                               f"give the {stage} stage a checkpoint of an earlier stage")
 
 
-def _epoch_loop(cfg: StageConfig, runner: Any, hooks: Sequence[Hook], start: int) -> StageResult:
+def _epoch_loop(cfg: StageConfig, runner: StageRunner, hooks: Sequence[Hook],
+                start: int) -> StageResult:
+    """Epochs ``start..`` with the hooks after each, then the stage's final evaluation.
+
+    Every epoch starts from what a resume would restore (rank 0's state on every rank,
+    generators re-seeded from (seed, rank, epoch): :meth:`StageRunner.begin_epoch`), so
+    that an epoch run after a resume repeats it exactly.
+    """
     epochs, started, metrics, done = runner.epochs, time.perf_counter(), {}, []
     for epoch in range(start, epochs):
         t0 = time.perf_counter()
+        runner.begin_epoch(epoch)
         metrics = runner.train_epoch(epoch)
         with runner.precision.autocast():
             metrics.update(runner.validate())
@@ -272,14 +278,3 @@ def _epoch_loop(cfg: StageConfig, runner: Any, hooks: Sequence[Hook], start: int
     with runner.precision.autocast():
         subnets, dynamic = runner.finish()
     return StageResult(cfg.stage, metrics, None, subnets, dynamic, done)
-
-
-def save_stage_checkpoint(path: Path, stage: str, model: torch.nn.Module, epoch: int,
-                          metrics: dict, config: dict, ema: Any = None,
-                          optimizer: torch.optim.Optimizer | None = None,
-                          extra: dict | None = None) -> None:
-    """The checkpoint every stage writes (model, EMA, optimizer, epoch, config, metrics)."""
-    save_checkpoint(path, model, stage=stage, epoch=epoch, config=config, metrics=metrics,
-                    ema_model=ema.module if ema is not None else None,
-                    optimizer_state=optimizer.state_dict() if optimizer is not None else None,
-                    extra=extra)

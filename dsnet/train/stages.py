@@ -24,6 +24,7 @@ from dsnet.eval.evaluate import (
     evaluate_subnets,
     oracle_point,
 )
+from dsnet.models.checkpoint import save_checkpoint
 from dsnet.models.madds import expected_madds, masked_expected_madds, routing_madds
 from dsnet.models.masked import masked_train_forward
 from dsnet.models.pretrained import load_pretrained
@@ -31,7 +32,6 @@ from dsnet.models.supernet import DynamicOutput
 from dsnet.train.bn_calibration import recalibrate_bn
 from dsnet.train.distributed import DistContext
 from dsnet.train.ema import ModelEma
-from dsnet.train.engine import save_stage_checkpoint
 from dsnet.train.losses import (
     complexity_loss,
     label_smoothing_ce,
@@ -41,6 +41,7 @@ from dsnet.train.losses import (
 )
 from dsnet.train.optim import LRSchedule, build_optimizer, build_schedule, current_lr
 from dsnet.train.precision import Precision
+from dsnet.train.rng import EpochSeededDataset, seed_epoch
 from dsnet.train.sampling import sandwich_subnets
 
 
@@ -62,7 +63,9 @@ class StageRunner:
         self.device = dist.device
         loader_kw = dict(rank=dist.rank, world_size=dist.world_size,
                          **loader_options(cfg, self.device))
-        self.train_loader = build_loader(data.train, cfg.batch_size, train=True,
+        # Loader workers re-seed per epoch, as the main process does (dsnet.train.rng).
+        self.train_set = EpochSeededDataset(data.train, cfg.seed, dist.rank)
+        self.train_loader = build_loader(self.train_set, cfg.batch_size, train=True,
                                          seed=cfg.seed, **loader_kw)
         self.val_loader = build_loader(
             data.val, cfg.batch_size * cfg.validation_batch_size_multiplier, train=False,
@@ -87,6 +90,20 @@ class StageRunner:
         self.optimizer = build_optimizer(self.model, self.cfg)
         self.schedule = build_schedule(self.optimizer, self.cfg, self.updates_per_epoch)
         self.epochs = self.schedule.total_epochs
+
+    def begin_epoch(self, epoch: int) -> None:
+        """Start ``epoch`` from what a resume from the checkpoint before it restores, so
+        that a resumed epoch repeats the uninterrupted one (:mod:`dsnet.train.rng`).
+
+        Every rank takes rank 0's buffers (BN statistics, model and EMA: with ``dist_bn``
+        empty each rank's drift apart within an epoch, and the checkpoint holds rank 0's;
+        weights agree already), and every generator of this process and of the loader
+        workers is re-seeded from (seed, rank, epoch).
+        """
+        models = [self.model] + ([self.ema.module] if self.ema is not None else [])
+        self.dist.broadcast_([b for m in models for b in m.buffers()])
+        seed_epoch(self.cfg.seed, self.dist.rank, epoch)
+        self.train_set.set_epoch(epoch)
 
     def batches(self, epoch: int):
         """Training batches of an epoch on this rank's device."""
@@ -114,9 +131,14 @@ class StageRunner:
         self.scaler.scale(loss).backward()
 
     def save(self, path: Path, epoch: int, metrics: dict, config: dict) -> None:
-        save_stage_checkpoint(path, self.stage, self.model, epoch, metrics, config, self.ema,
-                              self.optimizer, extra={"step": self.step,
-                                                     "grad_scaler": self.scaler.state_dict()})
+        """The stage's checkpoint: model, EMA, optimizer, grad scaler and ``step`` (the
+        random subnets, EMA warm-up and per-update lr follow from it), epoch, config and
+        metrics. No RNG state: each epoch re-seeds from (seed, rank, epoch)."""
+        ema = self.ema.module if self.ema is not None else None
+        optimizer = self.optimizer.state_dict() if self.optimizer is not None else None
+        save_checkpoint(path, self.model, stage=self.stage, epoch=epoch, config=config,
+                        metrics=metrics, ema_model=ema, optimizer_state=optimizer,
+                        extra={"step": self.step, "grad_scaler": self.scaler.state_dict()})
 
     def resume(self, ckpt: dict[str, Any], restore_optimizer: bool = True) -> int:
         """Restore from this stage's checkpoint; return the first epoch still to run."""
