@@ -25,6 +25,22 @@ FAST_OVERRIDES = ["--set", "dataset=synthetic", "--set", "synthetic_size=64",
                   "--set", "eval_subnets=[0,3]"]
 
 
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Byte-compile dsnet and pipelines once, before any test starts a process.
+
+    Ray workers, job drivers and CLI subprocesses import the package afresh. Where
+    PYTHONDONTWRITEBYTECODE is set (as on the CI machines) none of them writes a .pyc, so
+    each compiled the sources again: measured ~3 s more per process (10-11 s instead of
+    7-8 s to import pipelines.stage on 2 cores). compileall writes them regardless.
+    """
+    import compileall
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    for package in ("dsnet", "pipelines"):
+        compileall.compile_dir(root / package, quiet=1)
+
+
 @pytest.fixture(scope="session")
 def ray_session() -> Iterator[object]:
     """A local 2-CPU Ray started once per session (no dashboard), shut down at the end.

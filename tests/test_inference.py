@@ -132,6 +132,16 @@ def test_masked_refuses_train_mode():
 # ----------------------------------------------------------------------------- predict CLI
 
 
+def run_in_process(capsys: pytest.CaptureFixture, *args: str) -> tuple[int, str, str]:
+    """``python -m pipelines.predict ARGS`` in this process: (exit code, stdout, stderr)."""
+    from pipelines import predict
+
+    capsys.readouterr()
+    code = predict.main(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
 def run_module(*args: str, module: str = "pipelines.predict") -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=SUBPROCESS_ENV,
                           capture_output=True, text=True, timeout=300)
@@ -188,11 +198,12 @@ def test_predict_end_to_end_dynamic_with_csv(predict_setup, tmp_path):
 
 
 @pytest.mark.parametrize("subnet", ["5", "largest"])
-def test_predict_static_subnet(predict_setup, subnet):
+def test_predict_static_subnet(predict_setup, subnet, capsys):
     model, ckpt, images, paths = predict_setup
-    res = run_module("--checkpoint", str(ckpt), "--subnet", subnet, str(paths[0]), str(paths[1]))
-    assert res.returncode == 0, res.stderr
-    got = [tuple(line.split("\t")[1:4:2]) for line in res.stdout.splitlines()]
+    code, out, err = run_in_process(capsys, "--checkpoint", str(ckpt), "--subnet", subnet,
+                                    str(paths[0]), str(paths[1]))
+    assert code == 0, err
+    got = [tuple(line.split("\t")[1:4:2]) for line in out.splitlines()]
     want = [(label, s) for label, _, s in
             expected_rows(model, paths[:2], subnet if subnet == "largest" else int(subnet))]
     assert got == want
@@ -208,7 +219,7 @@ def test_predict_static_subnet(predict_setup, subnet):
     ("corrupt_checkpoint", 2, "is not a checkpoint file (neither a PyTorch zip archive"),
     ("unreadable_image", 1, "cannot read image"),
 ])
-def test_predict_errors_are_one_line(predict_setup, tmp_path, case, code, message):
+def test_predict_errors_are_one_line(predict_setup, tmp_path, capsys, case, code, message):
     _, ckpt, images, paths = predict_setup
     (tmp_path / "empty").mkdir()
     (tmp_path / "bad.pth").write_bytes(b"garbage")
@@ -223,10 +234,10 @@ def test_predict_errors_are_one_line(predict_setup, tmp_path, case, code, messag
         "corrupt_checkpoint": ["--checkpoint", str(tmp_path / "bad.pth"), str(paths[0])],
         "unreadable_image": ["--checkpoint", str(ckpt), str(tmp_path / "broken.png")],
     }[case]
-    res = run_module(*args)
-    assert res.returncode == code, (res.stdout, res.stderr)
-    assert len(res.stderr.strip().splitlines()) == 1 and message in res.stderr
-    assert "Traceback" not in res.stderr and res.stdout == ""
+    got, out, err = run_in_process(capsys, *args)  # the end-to-end test runs the module
+    assert got == code, (out, err)
+    assert len(err.strip().splitlines()) == 1 and message in err
+    assert "Traceback" not in err and out == ""
 
 
 def test_predict_debug_shows_traceback(predict_setup, tmp_path):

@@ -20,12 +20,11 @@ import pytest
 from dsnet.config import STAGES, config_to_dict
 from dsnet.configs import CONFIG_DIR
 from dsnet.models.checkpoint import file_sha256
-from pipelines import full, supernet
+from pipelines import full
 from pipelines.config import load_pipeline_config
-from pipelines.faults import FAULT_ENV, FAULT_MARKER_ENV
 from pipelines.runtime import REPO_ROOT, ResourceError, check_resources
 from tests.conftest import FAST_OVERRIDES
-from tests.helpers import FAST_STAGE_YAML, TINY, run_json
+from tests.helpers import TINY, run_json
 
 
 def _cli(*args: str, env: dict | None = None) -> subprocess.Popen:
@@ -162,30 +161,6 @@ def test_end_to_end_on_ray_then_skip(ray_session: object, tmp_path: Path,
     for stage in STAGES:
         assert again["stages"][stage]["attempts"] == 1
         assert again["stages"][stage]["checkpoint"] == rec["stages"][stage]["checkpoint"]
-
-
-@pytest.mark.ray
-def test_interrupted_stage_resumes_from_last_checkpoint(
-        ray_session: object, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A worker fails after epoch 0 of 2 (max_failures 0): the re-run resumes at epoch 1."""
-    cfg = tmp_path / "supernet.yml"
-    cfg.write_text(FAST_STAGE_YAML)
-    monkeypatch.setenv(FAULT_ENV, "0")
-    monkeypatch.setenv(FAULT_MARKER_ENV, str(tmp_path / "fault.marker"))
-    args = ["-c", str(cfg), "--output", str(tmp_path), "--name", "r", "--num-workers", "1",
-            "--set", "ray.max_failures=0"]
-    assert supernet.main(args) == 1
-    run_dir = tmp_path / "r"
-    st = run_json(run_dir)["stages"]["supernet"]
-    assert st["status"] == "failed" and "InjectedFault" in st["error"]
-    assert list((run_dir / "supernet").glob("checkpoint_*/checkpoint.pt"))
-
-    assert supernet.main(args) == 0
-    st = run_json(run_dir)["stages"]["supernet"]
-    assert st["status"] == "done" and st["attempts"] == 2
-    assert st["epochs_run"] == [1]  # epoch 0 came from the checkpoint
-    assert Path(st["resumed_from"]).parent.parent == run_dir / "supernet"
-    assert st["metrics"]["epoch"] == 1
 
 
 def test_worker_report_log_is_quieted() -> None:
