@@ -59,6 +59,7 @@ from dsnet.train.engine import (
     run_stage,
 )
 from dsnet.utils.provenance import now, to_builtins
+from pipelines.command import one_line
 from pipelines.config import RayConfig
 from pipelines.faults import FaultHook, fault_from_env
 from pipelines.run_record import RunRecord, checkpoint_fields
@@ -634,7 +635,7 @@ def error_summary(exc: BaseException, limit: int = 500) -> str:
     cause = getattr(exc, "controller_failure", None)
     if cause is not None:
         return _describe(cause, limit)
-    return " ".join(str(exc).split())[:limit] or type(exc).__name__
+    return one_line(exc, limit)
 
 
 def _describe(err: BaseException, limit: int) -> str:

@@ -21,7 +21,7 @@ primitives :func:`~dsnet.models.layers.channel_mask`,
   release's straight-through estimator for gate training. The masks and BN statistics are
   built from the straight-through Gumbel one-hot, so the slimming head gets gradients
   through every masked layer; forward values equal the tails estimator's
-  (:meth:`dsnet.models.mbnet.DSSupernet.forward_dynamic`) for the same Gumbel noise.
+  (:meth:`dsnet.models.supernet.DSSupernet.forward_dynamic`) for the same Gumbel noise.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ __all__ = ["channel_mask", "masked_batch_norm", "masked_dynamic_forward", "maske
 def routed_parts(model: DSSupernet, onehot: torch.Tensor,
                  full_width: bool = False) -> list[RoutedPart]:
     """One :class:`~dsnet.models.layers.RoutedPart` per stage from the gate stage on
-    (:meth:`~dsnet.models.mbnet.DSSupernet.routed_parts`)."""
+    (:meth:`~dsnet.models.supernet.DSSupernet.routed_parts`)."""
     return model.routed_parts(onehot, full_width)
 
 

@@ -171,7 +171,7 @@ class DSResStage(nn.ModuleList):
 
 class DSResNet(DSSupernet):
     """A dynamic slimmable ResNet (see the module docstring); call it as any
-    :class:`~dsnet.models.mbnet.DSSupernet`.
+    :class:`~dsnet.models.supernet.DSSupernet`.
 
     Args:
         arch: the architecture.
