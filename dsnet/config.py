@@ -155,8 +155,10 @@ class StageConfig:
     start_chn_idx: NonNegInt = 0  # authors': first subnet of the routing space
     sgs_weight: NonNegFloat = 1.0
     sgs_on_probs: bool = False  # release: smoothed CE on the Gumbel-perturbed softmax
-    # gate's straight-through path (masked: the release's)
-    estimator: Literal["tails", "masked"] = "tails"
+    # gate's gradient: straight-through Gumbel one-hot over every routed tail (tails) or
+    # through the release's masks (masked); expected: the exact expected loss and MAdds
+    # under the head's softmax, no sampling (see GateRunner.gate_step)
+    estimator: Literal["tails", "masked", "expected"] = "tails"
     complexity_weight: NonNegFloat = 0.5
     complexity_form: Literal["square", "target"] = "square"
     target_madds: PositiveFloat | None = None  # required by complexity_form: target

@@ -160,10 +160,11 @@ def assert_logits_close(got: torch.Tensor, want: torch.Tensor, rtol: float = 1e-
 
 @torch.no_grad()
 def point_head_at_samples(model: dsnet.DSSupernet, x: torch.Tensor) -> torch.Tensor:
-    """Point each slimming-head row at one sample's reduced features (minus the batch mean,
-    orthogonal to it), so the batch ``x`` is routed to several subnets; returns the choices."""
+    """Point each row of the slimming head's last conv at what it reads for one sample (the
+    reduced features, or the hidden layer's output; minus the batch mean, orthogonal to
+    it), so the batch ``x`` is routed to several subnets; returns the choices."""
     captured = []
-    head = model.gate_head.gate[0]
+    head = model.gate_head.gate[-1]
     hook = head.register_forward_hook(lambda m, i, o: captured.append(i[0].flatten(1)))
     model(x, subnet="dynamic")
     hook.remove()

@@ -215,6 +215,19 @@ def test_madds_count_the_work_of_every_exported_subnet(name):
         assert largest > counts[-1] if widened else largest == counts[-1]
 
 
+@pytest.mark.parametrize("name", MODELS)
+def test_dynamic_madds_are_the_chosen_subnet_plus_the_slimming_head(name):
+    """One image through the exported dynamic network costs its chosen subnet's count plus
+    ``gate_madds`` (the slimming head: its own pool and convolutions when it reads a grid)."""
+    model = contract_model(name)
+    size = contract_shape(name)[-1]
+    net = export_dynamic(model)
+    with torch.no_grad(), WorkCounter() as work:
+        _, choice = net.forward_with_choices(contract_input(name, 1))
+    expected = dsnet.count_madds(model, int(choice), size) + model.gate_madds(size)
+    assert work.total == expected, (int(choice), work.total, expected)
+
+
 # ----------------------------------------------------------------------------- configs
 
 # What the YAML runs keep of the shipped values: everything but the data (synthetic, 4

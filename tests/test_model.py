@@ -122,14 +122,14 @@ def test_dynamic_train_mode_routes_per_sample_and_grads_reach_head():
             single = model(x[i:i + 1], subnet=int(out.choices[i]))
         torch.testing.assert_close(out.logits[i:i + 1].detach(), single, rtol=1e-4, atol=1e-5)
     out.logits.logsumexp(1).sum().backward()
-    grad = model.gate_head.gate[0].weight.grad
+    grad = model.gate_head.gate[-1].weight.grad
     assert grad is not None and grad.abs().sum() > 0
 
 
 def test_routing_space_is_settable_and_head_follows():
     model = small_model()
     model.routing_space = (2, 5, 9, 11, 13)
-    assert model.gate_head.gate[0].weight.shape[0] == 5
+    assert model.gate_head.gate[-1].weight.shape[0] == 5
     _, choices = model(torch.randn(4, 1, 28, 28), subnet="dynamic", return_choices=True)
     assert set(choices.tolist()) <= {2, 5, 9, 11, 13}
     with pytest.raises(ValueError, match="routing_space"):

@@ -308,7 +308,7 @@ def test_amp_bf16_on_cpu_trains_and_evaluates_in_bfloat16(monkeypatch):
     assert all(p.dtype == torch.float32 for p in runner.model.parameters())
 
 
-@pytest.mark.parametrize("estimator", ["tails", "masked"])
+@pytest.mark.parametrize("estimator", ["tails", "masked", "expected"])
 @pytest.mark.parametrize("sgs_on_probs", [False, True])
 def test_gate_estimators_train_only_the_slimming_head(estimator, sgs_on_probs):
     model = small_model()

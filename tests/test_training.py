@@ -18,6 +18,7 @@ from dsnet.train.ema import ModelEma
 from dsnet.train.engine import CheckpointHook, Hook, run_stage
 from dsnet.train.losses import (
     complexity_loss,
+    expected_task_loss,
     label_smoothing_ce,
     sgs_loss,
     sgs_targets,
@@ -78,6 +79,22 @@ def test_complexity_loss_forms():
     assert complexity_loss(madds, 2.0, "target", 2e8).item() == pytest.approx(2.0 * 0.1 ** 2)
     with pytest.raises(ValueError, match="target_madds"):
         complexity_loss(madds, 1.0, "target", None)
+
+
+def test_expected_task_loss_weights_each_choice_loss():
+    """One-hot probabilities give that choice's smoothed cross entropy; mixed ones the
+    probability-weighted mean, with the gradient d/dp = each choice's loss."""
+    torch.manual_seed(0)
+    tails, y = torch.randn(3, 2, 10), torch.tensor([1, 4, 7])     # (B, K, classes)
+    for k in range(2):
+        onehot = F.one_hot(torch.full((3,), k), 2).float()
+        expected = label_smoothing_ce(tails[:, k], y, 0.1)
+        assert expected_task_loss(onehot, tails, y, 0.1).item() == pytest.approx(expected.item())
+    probs = torch.tensor([[0.25, 0.75]] * 3, requires_grad=True)
+    expected_task_loss(probs, tails, y, 0.0).backward()
+    per_choice = torch.stack([F.cross_entropy(tails[:, k], y, reduction="none")
+                              for k in range(2)], 1)
+    assert torch.allclose(probs.grad, per_choice / 3)
 
 
 def test_expected_madds_is_differentiable_through_one_hot():
@@ -193,6 +210,38 @@ def test_sgs_gate_routes_hard_samples_wider():
     assert wide_hard > 0.6 and wide_hard - wide_easy > 0.4, (wide_easy, wide_hard)
 
 
+def test_expected_estimator_routes_by_each_choice_loss():
+    """Known answer, no SGS: on 'easy' inputs the labels are the slimmest choice's
+    predictions, on 'hard' ones the widest choice's (where the two differ). The expected
+    estimator sees every choice's loss, so with a small MAdds penalty the head must send
+    the hard inputs wide and the easy ones slim."""
+    torch.manual_seed(0)
+    model = small_model()
+    easy = torch.randn(256, 1, 28, 28) * 0.5 + 1.0
+    hard = torch.randn(512, 1, 28, 28) * 0.5 - 1.0
+    recalibrate_bn(model, [torch.cat([easy[:64], hard[:64]])], ["largest", *range(14)])
+    with torch.no_grad():
+        y_easy = model(easy, subnet=0).argmax(1)
+        wide, slim = model(hard, subnet=3).argmax(1), model(hard, subnet=0).argmax(1)
+    hard, y_hard = hard[wide != slim][:256], wide[wide != slim][:256]
+    x, y = torch.cat([easy, hard]), torch.cat([y_easy, y_hard])
+    cfg = gate_cfg(epochs=4, estimator="expected", opt="adamw", lr=0.05, weight_decay=0.0,
+                   complexity_weight=0.01, madds_unit=1e6)
+    runner = make_runner(cfg, model, toy_bundle(x, y), DistContext(), None)
+    for epoch in range(4):
+        runner.train_epoch(epoch)
+    model.eval()
+    with torch.no_grad():
+        _, c_easy = model(easy, subnet="dynamic", return_choices=True)
+        _, c_hard = model(hard, subnet="dynamic", return_choices=True)
+    # hard inputs: choice 0 is wrong (the others may be right); easy ones: 0 is right
+    slim_easy = (c_easy == 0).float().mean().item()
+    slim_hard = (c_hard == 0).float().mean().item()
+    # Measured: 0.75 of the easy and 0.20 of the hard inputs go to choice 0 (an untrained
+    # head routes both kinds alike).
+    assert slim_easy - slim_hard > 0.4 and slim_hard < 0.3, (slim_easy, slim_hard, len(hard))
+
+
 def test_routing_space_from_start_chn_idx_and_bounds():
     assert routing_space_for(gate_cfg(start_chn_idx=10), 14) == (10, 11, 12, 13)
     with pytest.raises(ValueError, match="exceeds"):
@@ -276,3 +325,15 @@ def test_ema_warmup_follows_early_weights():
     ema.decay = 0.99
     assert ema.current_decay() == pytest.approx(0.99)
     assert ModelEma(model, decay=0.999).current_decay() == 0.999  # the release: no warm-up
+
+
+def test_head_size_of_a_checkpoint_with_a_hidden_layer_is_its_last_conv():
+    """A checkpoint without a routing space (the release's) sizes the slimming head by its
+    logits: the last conv of a head with a hidden layer (BN -> gate.1 -> ReLU -> gate.3)."""
+    from dsnet.train.engine import _match_head_size
+
+    model = dsnet.create_model("ds_mbnet_tiny", routing_space=(0, 4, 8, 13))
+    state = dsnet.create_model("ds_mbnet_tiny", routing_space=range(6)).state_dict()
+    assert state["blocks.3.first_block.gate.gate.1.weight"].shape[0] == 32   # hidden width
+    _match_head_size(model, {"state_dict": state})
+    assert model.routing_space == tuple(range(6))

@@ -48,6 +48,9 @@ class ArchSpec:
             every later stage must have ``num_subnets`` widths.
         img_size: default input resolution.
         se_ratio: attention-head reduction ratio.
+        gate_grid: 0 = the slimming head reads the gate block's r reduced features (the
+            release); g > 0 = its input average-pooled to g x g.
+        gate_hidden: hidden width of the slimming head (0 = one 1x1 conv, the release).
     """
 
     stem_widths: tuple[int, ...]
@@ -56,6 +59,8 @@ class ArchSpec:
     gate_stage: int
     img_size: int
     se_ratio: float = 0.25
+    gate_grid: int = 0
+    gate_hidden: int = 0
 
     def __post_init__(self) -> None:
         slim = [len(s.widths) for s in self.stages[self.gate_stage:]]
@@ -149,6 +154,15 @@ DS_MBNET_TINY = ArchSpec(
     ),
     gate_stage=3,
     img_size=28,
+    # The slimming head reads the gate block's 48 trunk channels pooled to 2x2 and
+    # standardised, through a 32-wide hidden layer (8.6k MAdds, 1.4 % of subnet 0), rather
+    # than the release's 12 reduced features. Measured on one supernet's cached features
+    # (heads fitted to the exact expected loss): the 12 reduced features gained at most
+    # +0.28 points over the static curve, the 2x2 grid +0.7..+1.0 (where on the image a
+    # T-shirt's or a shirt's features are, not only how much of each channel). Without the
+    # standardisation, the head sent 97 % of the images to one choice.
+    gate_grid=2,
+    gate_hidden=32,
 )
 
 

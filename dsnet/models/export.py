@@ -18,6 +18,7 @@ never imports a supernet and the two public functions work for every registered 
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -25,7 +26,15 @@ import torch
 from torch import nn
 
 from dsnet.models.arch import Subnet
-from dsnet.models.layers import AttentionHead, DSBatchNorm2d, DSConv2d, DSLinear, Swish, fresh_mul
+from dsnet.models.layers import (
+    AttentionHead,
+    DSBatchNorm2d,
+    DSConv2d,
+    DSLinear,
+    Swish,
+    fresh_mul,
+    gate_input,
+)
 
 if TYPE_CHECKING:  # type hints only: the supernets import this module
     from dsnet.models.supernet import DSSupernet
@@ -131,13 +140,14 @@ class StaticTrunk(nn.Module):
     """DS-MBNet's stem .. the gate block's attention head, at the narrow widths every routed
     subnet shares.
 
-    Returns the features entering the gate block's ``conv_pw`` and the attention head's
-    reduced features (what the slimming head reads).
+    Returns the features entering the gate block's ``conv_pw`` and what the slimming head
+    reads: the attention head's reduced features, or (``gate_grid`` > 0) the attention
+    head's input pooled to a grid (:func:`~dsnet.models.layers.gate_input`).
     """
 
     def __init__(self, stem: nn.Conv2d, bn: nn.BatchNorm2d, blocks: list[StaticBlock],
                  conv_dw: nn.Conv2d, bn_dw: nn.BatchNorm2d, attention: StaticAttention,
-                 silu: bool = False) -> None:
+                 silu: bool = False, gate_grid: int = 0) -> None:
         super().__init__()
         self.conv_stem = stem
         self.bn1 = bn
@@ -146,13 +156,15 @@ class StaticTrunk(nn.Module):
         self.conv_dw = conv_dw
         self.bn_dw = bn_dw
         self.gate = attention
+        self.gate_grid = gate_grid
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = self.blocks(self.act(self.bn1(self.conv_stem(x))))
         x = self.act(self.bn_dw(self.conv_dw(x)))                 # (B, C, h, w)
         pooled = nn.functional.adaptive_avg_pool2d(x, 1)          # (B, C, 1, 1)
         reduced = torch.relu(self.gate.conv_reduce(pooled))       # (B, r, 1, 1)
-        return fresh_mul(x, self.gate.conv_expand(reduced).sigmoid()), reduced
+        features = gate_input(x, reduced, self.gate_grid)         # (B, F, 1, 1)
+        return fresh_mul(x, self.gate.conv_expand(reduced).sigmoid()), features
 
 
 class StaticTail(nn.Module):
@@ -184,7 +196,7 @@ class DynamicStaticNet(nn.Module):
         subnets: (K,) long buffer, the uniform subnet index of each tail (routing space).
     """
 
-    def __init__(self, trunk: StaticTrunk, slimming_head: nn.Conv2d, tails: list[StaticTail],
+    def __init__(self, trunk: nn.Module, slimming_head: nn.Module, tails: list[nn.Module],
                  subnets: list[int], num_classes: int) -> None:
         super().__init__()
         self.trunk = trunk
@@ -199,8 +211,8 @@ class DynamicStaticNet(nn.Module):
     @torch.jit.export
     def forward_with_choices(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Return (logits (B, num_classes), chosen uniform subnet per sample (B,))."""
-        feats, reduced = self.trunk(x)                            # (B, C, h, w), (B, r, 1, 1)
-        index = self.slimming_head(reduced).flatten(1).argmax(1)  # (B,)
+        feats, gate_features = self.trunk(x)                      # (B, C, h, w), (B, F, 1, 1)
+        index = self.slimming_head(gate_features).flatten(1).argmax(1)  # (B,)
         logits = torch.empty(x.size(0), self.num_classes, dtype=feats.dtype,
                              device=feats.device)
         for k, tail in enumerate(self.tails):
@@ -243,21 +255,25 @@ class StaticGate(nn.Module):
     """A ResNet supernet's gate at fixed width: pool -> reduce -> ReLU (what the slimming
     head reads), then, with an attention head, expand -> sigmoid -> multiply.
 
-    ``forward`` returns (features, reduced features (B, r, 1, 1)); a static subnet, which
-    needs no reduced features, applies the attention with a :class:`StaticAttention`.
+    ``forward`` returns (features, what the slimming head reads (B, F, 1, 1): the reduced
+    features, or with ``gate_grid`` > 0 the input pooled to a grid); a static subnet, which
+    needs neither, applies the attention with a :class:`StaticAttention`.
     """
 
-    def __init__(self, channels: int, reduced: int, attention: bool) -> None:
+    def __init__(self, channels: int, reduced: int, attention: bool,
+                 gate_grid: int = 0) -> None:
         super().__init__()
         self.conv_reduce = nn.Conv2d(channels, reduced, 1, bias=True)
         self.conv_expand = nn.Conv2d(reduced, channels, 1, bias=True) if attention else None
+        self.gate_grid = gate_grid
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         pooled = nn.functional.adaptive_avg_pool2d(x, 1)          # (B, C, 1, 1)
         reduced = torch.relu(self.conv_reduce(pooled))            # (B, r, 1, 1)
+        features = gate_input(x, reduced, self.gate_grid)         # (B, F, 1, 1)
         if self.conv_expand is not None:
             x = fresh_mul(x, self.conv_expand(reduced).sigmoid())
-        return x, reduced
+        return x, features
 
 
 def resnet_sequence(parts: Sequence[tuple[str, nn.Module]]) -> nn.Sequential:
@@ -277,7 +293,7 @@ def classifier_parts(fc: nn.Linear) -> list[tuple[str, nn.Module]]:
 class StaticResTrunk(nn.Module):
     """A ResNet supernet's trunk: stem and the stages before the gate, then the gate.
 
-    Returns (features entering the gate stage (B, C, h, w), reduced features (B, r, 1, 1)).
+    Returns (features entering the gate stage (B, C, h, w), gate features (B, F, 1, 1)).
     """
 
     def __init__(self, body: nn.Sequential, gate: StaticGate) -> None:
@@ -325,9 +341,7 @@ def export_dynamic(model: DSSupernet, silu: bool = False) -> DynamicStaticNet:
     ``silu`` as in :func:`export_subnet`.
     """
     model = getattr(model, "module", model)
-    head_src = model.gate_head.gate[0]
-    head = nn.Conv2d(head_src.in_channels, head_src.out_channels, 1, bias=False)
-    head.weight.data.copy_(head_src.weight)
+    head = copy.deepcopy(model.gate_head.gate)   # plain nn modules already (convs, ReLU)
     tails = [model.export_tail(c, silu) for c in model.routing_space]
     net = DynamicStaticNet(model.export_trunk(silu), head, tails, list(model.routing_space),
                            model.num_classes)

@@ -253,8 +253,12 @@ class AttentionHead(nn.Module):
     """Squeeze-excitation attention with an optional slimming head (the release's gate).
 
     pool -> ``conv_reduce`` (to a fixed ``r`` channels) -> ReLU -> ``conv_expand`` (back to
-    the running width) -> sigmoid -> multiply. The slimming head ``gate.0`` maps the reduced
-    features (after the ReLU) to one logit per routing choice.
+    the running width) -> sigmoid -> multiply. The slimming head ``gate`` maps the reduced
+    features (after the ReLU) to one logit per routing choice with one 1x1 conv ``gate.0``
+    (the release's), or, for a small model whose r features say too little about an input,
+    reads the head's input pooled to a grid (``gate_grid``), standardised by a BatchNorm
+    without affine, through a hidden layer of its own (``gate_hidden``):
+    ``gate.0`` (BN) -> ``gate.1`` -> ReLU -> ``gate.3``.
 
     Args:
         channels: widest input width.
@@ -263,38 +267,80 @@ class AttentionHead(nn.Module):
         attention: False drops ``conv_expand`` and the multiply: the features pass
             unchanged and only the slimming head reads the reduced features (a supernet
             that must equal a plain network, e.g. ``ds_resnet50(attention=False)``).
+        gate_grid: 0 = the slimming head reads the r reduced features; g > 0 = it reads
+            the input average-pooled to g x g (``gate_channels * g * g`` features).
+        gate_hidden: width of the slimming head's hidden layer (0 = none, the release).
+        gate_channels: input width in a dynamic forward (the routed subnets' trunk width;
+            default ``channels``).
     """
 
     def __init__(self, channels: int, se_ratio: float = 0.25, num_gate_choices: int = 0,
-                 attention: bool = True) -> None:
+                 attention: bool = True, gate_grid: int = 0, gate_hidden: int = 0,
+                 gate_channels: int | None = None) -> None:
         super().__init__()
         self.reduced_channels = make_divisible(channels * se_ratio, 1)
         self.conv_reduce = DSPointwiseConv2d(channels, self.reduced_channels, bias=True)
         self.conv_expand = (DSPointwiseConv2d(self.reduced_channels, channels, bias=True)
                             if attention else None)
+        self.gate_grid = gate_grid
+        self.gate_hidden = gate_hidden
+        # What the slimming head reads: the r reduced features (the release), or the
+        # routed input width (gate_channels, the trunk's) pooled to a grid x grid map.
+        self.gate_channels = gate_channels or channels
+        self.gate_in_features = (self.reduced_channels if gate_grid == 0
+                                 else self.gate_channels * gate_grid * gate_grid)
         self.gate: nn.Sequential | None = None
         if num_gate_choices > 0:
             self.set_num_gate_choices(num_gate_choices)
 
     def set_num_gate_choices(self, n: int) -> None:
         """(Re)build the slimming head with ``n`` outputs (fresh, initialised weights)."""
-        conv = nn.Conv2d(self.reduced_channels, n, 1, bias=False)
+        layers: list[nn.Module] = []
+        width = self.gate_in_features
+        if self.gate_grid > 0:
+            # Pooled activations of unequal scales: standardise them (statistics learnt in
+            # Stage II, no affine) or the head's optimiser follows the largest channels and
+            # routes every input alike (measured: one choice for 97 % of the images).
+            layers.append(nn.BatchNorm2d(width, affine=False))
+        if self.gate_hidden > 0:   # a hidden layer of the head's own (trained in Stage II)
+            hidden = nn.Conv2d(width, self.gate_hidden, 1, bias=True)
+            nn.init.normal_(hidden.weight, 0.0, (2.0 / self.gate_hidden) ** 0.5)
+            nn.init.zeros_(hidden.bias)
+            layers += [hidden, nn.ReLU()]
+            width = self.gate_hidden
+        conv = nn.Conv2d(width, n, 1, bias=False)
         nn.init.normal_(conv.weight, 0.0, (2.0 / n) ** 0.5)  # release init: fan_out = n
-        self.gate = nn.Sequential(conv)
+        self.gate = nn.Sequential(*layers, conv)
+
+    @property
+    def num_gate_choices(self) -> int:
+        """Slimming-head outputs (0 without a slimming head)."""
+        return 0 if self.gate is None else self.gate[-1].out_channels
+
+    def slimming_madds(self, size: int) -> int:
+        """MAdds of the slimming head on a ``size`` x ``size`` input map: its own grid pool
+        (when it reads one) and its 1x1 convolutions (on a 1x1 map)."""
+        pool = self.gate_channels * size * size if self.gate_grid else 0
+        widths = [self.gate_in_features] + ([self.gate_hidden] if self.gate_hidden else [])
+        widths.append(self.num_gate_choices)
+        return pool + sum(a * b for a, b in zip(widths, widths[1:]))
 
     def forward_with_reduced(self, x: torch.Tensor, inplace: bool = False
                              ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return (attended features (B, C, H, W), reduced features (B, r, 1, 1)).
+        """Return (attended features (B, C, H, W), gate features (B, F, 1, 1)).
 
-        With ``inplace`` (``x`` is an intermediate nobody else holds) the attention
-        multiply overwrites ``x`` where autograd allows (:func:`fresh_mul`).
+        The gate features are what the slimming head reads (:func:`gate_input`): the
+        reduced features (F = r), or x pooled to a grid. With ``inplace`` (``x`` is an
+        intermediate nobody else holds) the attention multiply overwrites ``x`` where
+        autograd allows (:func:`fresh_mul`).
         """
         pooled = F.adaptive_avg_pool2d(x, 1)                    # (B, C, 1, 1)
         reduced = F.relu(self.conv_reduce(pooled))              # (B, r, 1, 1)
+        features = gate_input(x, reduced, self.gate_grid)       # before x is overwritten
         if self.conv_expand is None:                            # no attention head
-            return x, reduced
+            return x, features
         attn = self.conv_expand(reduced, out_channels=x.size(1)).sigmoid()
-        return (fresh_mul(x, attn) if inplace else x * attn), reduced
+        return (fresh_mul(x, attn) if inplace else x * attn), features
 
     @property
     def attends(self) -> bool:
@@ -304,11 +350,20 @@ class AttentionHead(nn.Module):
     def forward(self, x: torch.Tensor, inplace: bool = False) -> torch.Tensor:
         return self.forward_with_reduced(x, inplace)[0]
 
-    def gate_logits(self, reduced: torch.Tensor) -> torch.Tensor:
-        """Slimming-head logits (B, num_choices) from the reduced features."""
+    def gate_logits(self, features: torch.Tensor) -> torch.Tensor:
+        """Slimming-head logits (B, num_choices) from the gate features (B, F, 1, 1)."""
         if self.gate is None:
             raise RuntimeError("this attention head has no slimming head")
-        return self.gate(reduced).flatten(1)
+        return self.gate(features).flatten(1)
+
+
+def gate_input(x: torch.Tensor, reduced: torch.Tensor, grid: int) -> torch.Tensor:
+    """What a slimming head reads: ``reduced`` (B, r, 1, 1), the release's, for ``grid`` 0;
+    otherwise ``x`` (B, C, H, W) average-pooled to grid x grid, as (B, C * grid^2, 1, 1),
+    channel-major so that a narrower x gives a prefix of the features."""
+    if grid == 0:
+        return reduced
+    return F.adaptive_avg_pool2d(x, grid).flatten(1)[:, :, None, None]
 
 
 # ----------------------------------------------------------------------------- masked execution

@@ -33,7 +33,7 @@ from dsnet.models.layers import (
     RoutedPart,
     fresh_swish,
 )
-from dsnet.models.madds import Width, widths_madds
+from dsnet.models.madds import Width, conv_out_size, widths_madds
 from dsnet.models.registry import register_model
 from dsnet.models.supernet import DSSupernet, init_weights
 
@@ -46,16 +46,16 @@ class DepthwiseSeparableBlock(nn.Module):
     """
 
     def __init__(self, in_widths: Sequence[int], out_widths: Sequence[int], stride: int,
-                 se_ratio: float, num_gate_choices: int = 0) -> None:
+                 se_ratio: float, gate: dict | None = None) -> None:
         super().__init__()
         self.conv_dw = DSDepthwiseConv2d(in_widths[-1], 3, stride)
         self.bn1 = DSBatchNorm2d(in_widths)
-        self.gate = AttentionHead(in_widths[-1], se_ratio, num_gate_choices)
+        self.gate = AttentionHead(in_widths[-1], se_ratio, **(gate or {}))
         self.conv_pw = DSPointwiseConv2d(in_widths[-1], out_widths[-1])
         self.bn2 = DSBatchNorm2d(out_widths)
 
     def forward_pre(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Up to the attention head: (features (B, C_in, H', W'), reduced (B, r, 1, 1))."""
+        """Up to the attention head: (features (B, C_in, H', W'), gate features (B, F, 1, 1))."""
         x = fresh_swish(self.bn1(self.conv_dw(x)))
         return self.gate.forward_with_reduced(x, inplace=True)
 
@@ -106,10 +106,10 @@ class DSStage(nn.Module):
     """A stage: ``first_block`` (stride, width change) then ``residual_blocks`` (no skip)."""
 
     def __init__(self, in_widths: Sequence[int], out_widths: Sequence[int], num_blocks: int,
-                 stride: int, se_ratio: float, num_gate_choices: int = 0) -> None:
+                 stride: int, se_ratio: float, gate: dict | None = None) -> None:
         super().__init__()
         self.first_block = DepthwiseSeparableBlock(in_widths, out_widths, stride, se_ratio,
-                                                   num_gate_choices)
+                                                   gate)
         self.residual_blocks = nn.ModuleList(
             DepthwiseSeparableBlock(out_widths, out_widths, 1, se_ratio)
             for _ in range(num_blocks - 1))
@@ -149,9 +149,13 @@ class DSNet(DSSupernet):
         self.bn1 = DSBatchNorm2d(arch.stem_widths)
         in_widths = arch.stem_widths
         stages = []
-        for spec in arch.stages:
+        for i, spec in enumerate(arch.stages):
+            # the gate block's attention head holds the slimming head; in a dynamic forward
+            # its input runs at the narrowest width of the stage before it
+            gate = (dict(gate_grid=arch.gate_grid, gate_hidden=arch.gate_hidden,
+                         gate_channels=in_widths[0]) if i == arch.gate_stage else None)
             stages.append(DSStage(in_widths, spec.widths, spec.num_blocks, spec.stride,
-                                  arch.se_ratio))
+                                  arch.se_ratio, gate))
             in_widths = spec.widths
         self.blocks = nn.ModuleList(stages)
         self.classifier = DSLinear(in_widths[-1], num_classes)
@@ -187,8 +191,8 @@ class DSNet(DSSupernet):
         x = fresh_swish(self.bn1(self.conv_stem(x, widths[0])))
         for stage, width in zip(self.blocks[:g], widths[1:g + 1]):
             x = stage(x, width)
-        feats, reduced = self.blocks[g].first_block.forward_pre(x)
-        return feats, self.gate_head.gate_logits(reduced)
+        feats, gate_features = self.blocks[g].first_block.forward_pre(x)
+        return feats, self.gate_head.gate_logits(gate_features)
 
     def forward_tail(self, feats: torch.Tensor, subnet: int) -> torch.Tensor:
         """Rest of uniform subnet ``subnet`` from the trunk's features to the logits."""
@@ -203,6 +207,13 @@ class DSNet(DSSupernet):
     # ------------------------------------------------------------------ MAdds
     def widths_madds(self, widths: Sequence[Width], input_size: int) -> Width:
         return widths_madds(self.arch, widths, self.in_chans, self.num_classes, input_size)
+
+    def gate_map_size(self, input_size: int) -> int:
+        # after the gate block's depthwise conv: only a stage's first block strides
+        size = conv_out_size(input_size, self.arch.stem_stride)
+        for spec in self.arch.stages[:self.arch.gate_stage + 1]:
+            size = conv_out_size(size, spec.stride)
+        return size
 
     def trunk_madds(self, input_size: int) -> int:
         # Width 0 from the gate stage's output on counts exactly the trunk: the gate block's
@@ -245,7 +256,7 @@ class DSNet(DSSupernet):
         conv_dw = nn.Conv2d(c_in, c_in, 3, src.conv_dw.stride[0], 1, groups=c_in, bias=False)
         conv_dw.weight.data.copy_(src.conv_dw.weight[:c_in])
         return StaticTrunk(stem, bn, blocks, conv_dw, copy_bn(src.bn1, c_in),
-                           copy_attention(src.gate, c_in), silu)
+                           copy_attention(src.gate, c_in), silu, src.gate.gate_grid)
 
     def export_tail(self, subnet: int, silu: bool = False) -> StaticTail:
         widths = self.arch.uniform_widths(subnet)

@@ -197,7 +197,8 @@ class DSResNet(DSSupernet):
             in_widths = arch.out_widths(i)
         g = arch.gate_stage   # the gate reads the features entering stage g
         gate_width = arch.out_widths(g - 1)[-1] if g > 0 else arch.stem_widths[-1]
-        self.gate = AttentionHead(gate_width, arch.se_ratio, attention=attention)
+        self.gate = AttentionHead(gate_width, arch.se_ratio, attention=attention,
+                                  gate_grid=arch.gate_grid, gate_hidden=arch.gate_hidden)
         self.fc = DSLinear(in_widths[-1], num_classes)
         init_weights(self)
         zero_init_residual(self)
@@ -248,8 +249,8 @@ class DSResNet(DSSupernet):
         """
         widths = self.arch.uniform_widths(self.routing_space[0])
         x = self._run_stages(self.forward_stem(x, widths[0]), widths, 0, self.arch.gate_stage)
-        feats, reduced = self.gate.forward_with_reduced(x, inplace=True)
-        return feats, self.gate.gate_logits(reduced)
+        feats, gate_features = self.gate.forward_with_reduced(x, inplace=True)
+        return feats, self.gate.gate_logits(gate_features)
 
     def forward_tail(self, feats: torch.Tensor, subnet: int) -> torch.Tensor:
         """The gate stage and the rest of uniform subnet ``subnet``, to the logits."""
@@ -304,6 +305,9 @@ class DSResNet(DSSupernet):
             extra = self._gate_features_madds(channels, size)
         return super().gate_madds(input_size) + extra
 
+    def gate_map_size(self, input_size: int) -> int:
+        return self._part_madds(self.arch.largest_widths(), input_size)[2]
+
     # ------------------------------------------------------------------ export
     def _export_stem(self, width: int) -> list[tuple[str, nn.Module]]:
         parts = [("conv1", copy_conv(self.conv1, width, self.in_chans)),
@@ -320,7 +324,8 @@ class DSResNet(DSSupernet):
         return parts, c_in
 
     def _export_gate(self, channels: int) -> StaticGate:
-        gate = StaticGate(channels, self.gate.reduced_channels, self.gate.attends)
+        gate = StaticGate(channels, self.gate.reduced_channels, self.gate.attends,
+                          self.gate.gate_grid)
         gate.conv_reduce.weight.data.copy_(self.gate.conv_reduce.weight[:, :channels])
         gate.conv_reduce.bias.data.copy_(self.gate.conv_reduce.bias)
         if gate.conv_expand is not None:

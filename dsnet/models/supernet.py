@@ -233,8 +233,12 @@ class DSSupernet(nn.Module):
 
     def gate_madds(self, input_size: int) -> int:
         """MAdds a dynamic forward adds to its routed subnet's static count: the slimming
-        head's 1x1 conv (r x K on a 1x1 map)."""
-        return self.gate_head.reduced_channels * len(self.routing_space)
+        head's (the release's: one 1x1 conv, r x K on a 1x1 map)."""
+        return self.gate_head.slimming_madds(self.gate_map_size(input_size))
+
+    def gate_map_size(self, input_size: int) -> int:
+        """Side of the feature map the slimming head reads."""
+        raise NotImplementedError
 
     def export_static(self, widths: Sequence[int], silu: bool = False) -> nn.Module:
         """The static subnet of these widths as plain ``nn`` modules holding copies."""

@@ -13,6 +13,7 @@ state, and every epoch re-seeds its generators (:mod:`dsnet.train.rng`).
 from __future__ import annotations
 
 import functools
+import re
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -182,7 +183,9 @@ def load_weights(model: torch.nn.Module, path: str | Path,
 def _match_head_size(model: torch.nn.Module, ckpt: dict[str, Any]) -> None:
     """The release records no routing space: size the head like its stored weight."""
     state = ckpt.get("state_dict", ckpt)
-    key = next((k for k in state if k.endswith(".gate.gate.0.weight")), None)
+    heads = sorted((k for k in state if re.search(r"\.gate\.gate\.\d+\.weight$", k)),
+                   key=lambda k: int(k.rsplit(".", 2)[1]))
+    key = heads[-1] if heads else None   # the last conv gives the logits
     if key is not None and hasattr(model, "routing_space"):
         k = state[key].shape[0]
         if k != len(model.routing_space) and k <= model.num_subnets:

@@ -48,6 +48,22 @@ def sgs_loss(gate_logits: torch.Tensor, targets: torch.Tensor,
     return F.cross_entropy(gate_logits, targets)
 
 
+def expected_task_loss(probs: torch.Tensor, tail_logits: torch.Tensor, y: torch.Tensor,
+                       smoothing: float = 0.1) -> torch.Tensor:
+    """Task loss expected under the gate's routing distribution.
+
+    Args:
+        probs: (B, K) the slimming head's softmax.
+        tail_logits: (B, K, classes) every routed subnet's logits on every sample.
+        y: (B,) labels.
+        smoothing: label smoothing of each choice's cross entropy.
+    """
+    k = tail_logits.size(1)
+    per_choice = F.cross_entropy(tail_logits.transpose(1, 2), y[:, None].expand(-1, k),
+                                 reduction="none", label_smoothing=smoothing)  # (B, K)
+    return (probs * per_choice).sum(1).mean()
+
+
 def complexity_loss(madds: torch.Tensor, weight: float, form: str = "square",
                     target: float | None = None, unit: float = 1e9) -> torch.Tensor:
     """Penalty on the batch's expected MAdds (``madds``: (B,) per-sample expected MAdds).

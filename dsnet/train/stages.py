@@ -34,6 +34,7 @@ from dsnet.train.distributed import DistContext
 from dsnet.train.ema import ModelEma
 from dsnet.train.losses import (
     complexity_loss,
+    expected_task_loss,
     label_smoothing_ce,
     sgs_loss,
     sgs_targets,
@@ -433,7 +434,7 @@ class GateRunner(StageRunner):
         """
         if self.cfg.estimator == "masked":
             return masked_train_forward(self.model, x, self.cfg.gumbel_tau)
-        return self.model.forward_dynamic(x, self.cfg.gumbel_tau)
+        return self.model.forward_dynamic(x, self.cfg.gumbel_tau)  # tails, expected
 
     def dynamic_madds(self, gate_weights: torch.Tensor) -> torch.Tensor:
         """(B,) MAdds of the routed samples, in float32 (outside autocast: exact counts)."""
@@ -447,8 +448,11 @@ class GateRunner(StageRunner):
         cfg = self.cfg
         with self.precision.autocast():
             out = self.dynamic_forward(x)
-        madds = self.dynamic_madds(out.gate_weights)
-        task = label_smoothing_ce(out.logits.float(), y, cfg.smoothing)
+        if cfg.estimator == "expected":
+            task, madds = self.expected_task_and_madds(out, y)
+        else:
+            madds = self.dynamic_madds(out.gate_weights)
+            task = label_smoothing_ce(out.logits.float(), y, cfg.smoothing)
         slimmest_correct = out.tail_logits[:, 0].argmax(1) == y
         targets = sgs_targets(slimmest_correct, len(self.model.routing_space))
         soft = out.gate_soft.float() if cfg.sgs_on_probs else None
@@ -458,6 +462,19 @@ class GateRunner(StageRunner):
         loss = task + cfg.sgs_weight * sgs + penalty
         self.backward(loss / cfg.optimizer_step)
         return loss.detach(), [task.item(), sgs.item(), madds.mean().item()]
+
+    def expected_task_and_madds(self, out: DynamicOutput, y: torch.Tensor
+                                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ``expected`` estimator: with the supernet frozen, every routed tail's loss on
+        every sample is known (the tails forward ran them all), so the head can minimise
+        the exact expectation over its softmax p (B, K) of the per-choice task loss and of
+        the MAdds, instead of a straight-through Gumbel sample's. Per sample the objective
+        is linear in p, so its optimum is the one-hot of the cheapest-for-its-loss choice,
+        which is what the eval-mode argmax routes; no sampling noise, no biased gradient.
+        Returns (task loss, (B,) expected MAdds)."""
+        probs = out.gate_logits.float().softmax(1)                      # (B, K)
+        task = expected_task_loss(probs, out.tail_logits.float(), y, self.cfg.smoothing)
+        return task, expected_madds(probs, self.per_choice)
 
     def validate(self) -> dict[str, float]:
         row = evaluate_dynamic(self.model, self.val_loader, self.dist, self.data.img_size)
