@@ -155,7 +155,7 @@ def forced_routing(head: nn.Module, index: torch.Tensor) -> Iterator[None]:
 
     A forward hook replaces the head's (B, K, 1, 1) output with ``10 * one_hot(index)``, so
     the argmax routes sample i to choice ``index[i]`` whatever the features are. The head
-    itself still runs (its cost, r * K MAdds, stays in the measurement).
+    itself still runs (its cost, ``model.gate_madds``, stays in the measurement).
     """
     def hook(module: nn.Module, inputs: Any, output: torch.Tensor) -> torch.Tensor:
         if output.size(0) != index.numel():

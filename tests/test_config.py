@@ -112,7 +112,8 @@ def test_default_pipeline_values():
     assert (sn.aa, sn.reprob, sn.color_jitter, sn.num_random, sn.distill, sn.workers) == (
         "", 0.0, 0.0, 1, "ieb", 0)
     assert (rb.reset_bn_batches, rb.batch_size) == (10, 128)
-    assert (gate.epochs, gate.lr, gate.weight_decay, gate.num_choice) == (6, 0.5, 0.01, 4)
+    assert (gate.epochs, gate.lr, gate.weight_decay, gate.num_choice) == (6, 0.01, 0.01, 4)
+    assert (gate.estimator, gate.opt) == ("expected", "adamw")
     assert gate.routing_space == [0, 4, 8, 13]
     assert (gate.madds_unit, gate.complexity_weight, gate.sgs_weight) == (1e6, 0.01, 0.0)
 
