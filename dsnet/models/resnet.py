@@ -298,12 +298,10 @@ class DSResNet(DSSupernet):
         return int(sum(parts[:g + 1]) + self._gate_features_madds(gate_channels, gate_size))
 
     def gate_madds(self, input_size: int) -> int:
+        _, channels, size = self._part_madds(self.arch.largest_widths(), input_size)
+        head = self.gate.slimming_madds(size)
         # Without an attention head the static count has no gate: add its pool and reduce.
-        extra = 0
-        if not self.gate.attends:
-            _, channels, size = self._part_madds(self.arch.largest_widths(), input_size)
-            extra = self._gate_features_madds(channels, size)
-        return super().gate_madds(input_size) + extra
+        return head + (0 if self.gate.attends else self._gate_features_madds(channels, size))
 
     def gate_map_size(self, input_size: int) -> int:
         return self._part_madds(self.arch.largest_widths(), input_size)[2]
