@@ -182,28 +182,40 @@ def test_gate_training_freezes_everything_but_the_head():
     assert changed == [head]
 
 
-def test_sgs_gate_routes_hard_samples_wider():
-    """Known answer: labels make the slimmest subnet right on 'easy' inputs and wrong on
-    'hard' ones, and the two kinds look different; SGS must learn to tell them apart."""
+def easy_and_hard_inputs(n_hard: int = 256) -> tuple:
+    """ds_mbnet_small (seed 0) and two kinds of input that look different: 256 'easy' ones
+    and ``n_hard`` 'hard' ones, BN calibrated on both so the random network's features keep
+    the difference."""
     torch.manual_seed(0)
     model = small_model()
-    n = 256
-    easy = torch.randn(n, 1, 28, 28) * 0.5 + 1.0
-    hard = torch.randn(n, 1, 28, 28) * 0.5 - 1.0
-    # Calibrate BN on the data so the random network's features keep the difference.
+    easy = torch.randn(256, 1, 28, 28) * 0.5 + 1.0
+    hard = torch.randn(n_hard, 1, 28, 28) * 0.5 - 1.0
     recalibrate_bn(model, [torch.cat([easy[:64], hard[:64]])], ["largest", *range(14)])
-    with torch.no_grad():
-        y_easy = model(easy, subnet=0).argmax(1)                 # slimmest is right
-        y_hard = (model(hard, subnet=0).argmax(1) + 1) % 10      # slimmest is wrong
-    x, y = torch.cat([easy, hard]), torch.cat([y_easy, y_hard])
-    runner = make_runner(gate_cfg(epochs=4, lr=0.5, sgs_weight=1.0), model, toy_bundle(x, y),
-                         DistContext(), None)
-    for epoch in range(4):
+    return model, easy, hard
+
+
+def train_gate_and_route(model, cfg, easy, y_easy, hard, y_hard) -> tuple:
+    """Train the gate for ``cfg.epochs`` on both kinds; the eval-mode choices of each."""
+    data = toy_bundle(torch.cat([easy, hard]), torch.cat([y_easy, y_hard]))
+    runner = make_runner(cfg, model, data, DistContext(), None)
+    for epoch in range(cfg.epochs):
         runner.train_epoch(epoch)
     model.eval()
     with torch.no_grad():
         _, c_easy = model(easy, subnet="dynamic", return_choices=True)
         _, c_hard = model(hard, subnet="dynamic", return_choices=True)
+    return c_easy, c_hard
+
+
+def test_sgs_gate_routes_hard_samples_wider():
+    """Known answer: labels make the slimmest subnet right on 'easy' inputs and wrong on
+    'hard' ones, and the two kinds look different; SGS must learn to tell them apart."""
+    model, easy, hard = easy_and_hard_inputs()
+    with torch.no_grad():
+        y_easy = model(easy, subnet=0).argmax(1)                 # slimmest is right
+        y_hard = (model(hard, subnet=0).argmax(1) + 1) % 10      # slimmest is wrong
+    cfg = gate_cfg(epochs=4, lr=0.5, sgs_weight=1.0)
+    c_easy, c_hard = train_gate_and_route(model, cfg, easy, y_easy, hard, y_hard)
     wide_easy = (c_easy == 3).float().mean().item()
     wide_hard = (c_hard == 3).float().mean().item()
     # Measured: about 0.76 of the hard and 0.2 of the easy samples go to the widest choice.
@@ -214,26 +226,15 @@ def test_expected_estimator_routes_by_each_choice_loss():
     """Known answer, no SGS: on 'easy' inputs the labels are the slimmest choice's
     predictions, on 'hard' ones the widest choice's (where the two differ). The expected
     estimator sees every choice's loss, so with a small MAdds penalty the head must send
-    the hard inputs wide and the easy ones slim."""
-    torch.manual_seed(0)
-    model = small_model()
-    easy = torch.randn(256, 1, 28, 28) * 0.5 + 1.0
-    hard = torch.randn(512, 1, 28, 28) * 0.5 - 1.0
-    recalibrate_bn(model, [torch.cat([easy[:64], hard[:64]])], ["largest", *range(14)])
+    the hard inputs away from the slimmest choice and the easy ones to it."""
+    model, easy, hard = easy_and_hard_inputs(n_hard=512)
     with torch.no_grad():
         y_easy = model(easy, subnet=0).argmax(1)
         wide, slim = model(hard, subnet=3).argmax(1), model(hard, subnet=0).argmax(1)
     hard, y_hard = hard[wide != slim][:256], wide[wide != slim][:256]
-    x, y = torch.cat([easy, hard]), torch.cat([y_easy, y_hard])
     cfg = gate_cfg(epochs=4, estimator="expected", opt="adamw", lr=0.05, weight_decay=0.0,
                    complexity_weight=0.01, madds_unit=1e6)
-    runner = make_runner(cfg, model, toy_bundle(x, y), DistContext(), None)
-    for epoch in range(4):
-        runner.train_epoch(epoch)
-    model.eval()
-    with torch.no_grad():
-        _, c_easy = model(easy, subnet="dynamic", return_choices=True)
-        _, c_hard = model(hard, subnet="dynamic", return_choices=True)
+    c_easy, c_hard = train_gate_and_route(model, cfg, easy, y_easy, hard, y_hard)
     # hard inputs: choice 0 is wrong (the others may be right); easy ones: 0 is right
     slim_easy = (c_easy == 0).float().mean().item()
     slim_hard = (c_hard == 0).float().mean().item()
@@ -337,3 +338,13 @@ def test_head_size_of_a_checkpoint_with_a_hidden_layer_is_its_last_conv():
     assert state["blocks.3.first_block.gate.gate.1.weight"].shape[0] == 32   # hidden width
     _match_head_size(model, {"state_dict": state})
     assert model.routing_space == tuple(range(6))
+
+
+@pytest.mark.parametrize("field", ["gate_grid", "gate_hidden"])
+def test_arch_refuses_a_negative_slimming_head_size(field):
+    import dataclasses
+
+    from dsnet.models.arch import DS_MBNET_TINY
+
+    with pytest.raises(ValueError, match="gate_grid and gate_hidden must be >= 0"):
+        dataclasses.replace(DS_MBNET_TINY, **{field: -1})

@@ -66,6 +66,9 @@ class ArchSpec:
         slim = [len(s.widths) for s in self.stages[self.gate_stage:]]
         if len(set(slim)) != 1:
             raise ValueError(f"stages from the gate stage on need equal width counts, got {slim}")
+        if self.gate_grid < 0 or self.gate_hidden < 0:
+            raise ValueError(f"gate_grid and gate_hidden must be >= 0, got {self.gate_grid}, "
+                             f"{self.gate_hidden}")
         for widths in [self.stem_widths] + [s.widths for s in self.stages]:
             if list(widths) != sorted(set(widths)):
                 raise ValueError(f"widths must be ascending and distinct: {widths}")
