@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pyarrow.fs as pafs
 
@@ -222,9 +223,12 @@ def check_data(cfg: StageConfig) -> None:
         raise UsageError(f"{cfg.stage}: {e}") from None
 
 
-def check_input_checkpoint(cfg: StageConfig) -> None:
+def check_input_checkpoint(cfg: StageConfig) -> dict[str, Any]:
     """Read the first stage's input checkpoint now: a missing, truncated or foreign file, or
     one of a later stage, should not wait for Ray's start-up (or a queue) to be found out.
+
+    Returns:
+        The checkpoint, as :func:`dsnet.models.checkpoint.read_checkpoint` returns it.
 
     Raises:
         UsageError: naming the file and what is wrong with it.
@@ -233,9 +237,11 @@ def check_input_checkpoint(cfg: StageConfig) -> None:
     if not path.is_file():
         raise UsageError(f"input checkpoint not found: {path} (--resume / resume:)")
     try:
-        check_stage_order(cfg.stage, read_checkpoint(path), path)
+        ckpt = read_checkpoint(path)
+        check_stage_order(cfg.stage, ckpt, path)
     except CheckpointError as e:
         raise UsageError(f"input checkpoint: {e}") from None
+    return ckpt
 
 
 def check_models(stages: dict[str, StageConfig]) -> None:

@@ -152,7 +152,8 @@ def prepare_supernets(plan: SweepPlan, session: RaySession,
                       log: Callable[[str], None]) -> dict[str, dict[str, Any]]:
     """Train (or reuse) each supernet + BN recalibration; id -> checkpoint and subnets."""
     if plan.supernet is not None:
-        return {"given": {"values": {}, "checkpoint": plan.supernet, "subnets": None}}
+        return {"given": {"values": {}, "checkpoint": plan.supernet,
+                          "subnets": plan.supernet_subnets}}
     out = {}
     for sid, values in supernet_variants(plan.cfg.space).items():
         pipeline = copy.deepcopy(plan.pipeline)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import time
 import typing
@@ -18,6 +19,7 @@ from typing import Any
 from dsnet.config import STAGES, ConfigError, StageConfig, config_to_dict
 from dsnet.utils.provenance import to_builtins
 from dsnet.utils.schema import field_value, suggest
+from pipelines.cli import check_input_checkpoint
 from pipelines.command import UsageError
 from pipelines.config import (
     PipelineConfig,
@@ -78,6 +80,9 @@ class SweepPlan:
     sweep_dir: Path
     supernet: str | None  # --supernet: a recalibrated checkpoint, no supernet training
     command: list[str]
+    # The static subnets' table that --supernet's BN recalibration wrote into it (None: an
+    # older checkpoint, or none given): the curve the trials' gates are compared with.
+    supernet_subnets: list[dict[str, Any]] | None = None
 
     @property
     def tune_dir(self) -> Path:
@@ -103,6 +108,11 @@ def make_plan(args: argparse.Namespace, command: Sequence[str]) -> SweepPlan:
             raise UsageError(f"supernet checkpoint not found: {args.supernet} (--supernet)")
     _check_space_values(cfg.space, pipeline, supernet is not None)
     _check_search(cfg)
+    subnets = None
+    if supernet:  # read now: a damaged or later-stage file should not wait for Ray
+        ckpt = check_input_checkpoint(dataclasses.replace(pipeline.stages["gate"],
+                                                          resume=supernet))
+        subnets = (ckpt.get("extra") or {}).get("subnets")
     trial_ray = ray_config_from_dict({**config_to_dict(pipeline.ray), **cfg.ray},
                                      source=str(args.config))
     name = args.name or cfg.name or time.strftime("sweep-%Y%m%d-%H%M%S")
@@ -112,7 +122,7 @@ def make_plan(args: argparse.Namespace, command: Sequence[str]) -> SweepPlan:
                          "system (Tune keeps its experiment state there and the driver "
                          "writes the Pareto files); pipelines.full takes URIs")
     sweep_dir = (Path(output) / name).resolve()
-    return SweepPlan(cfg, pipeline, trial_ray, sweep_dir, supernet, list(command))
+    return SweepPlan(cfg, pipeline, trial_ray, sweep_dir, supernet, list(command), subnets)
 
 
 def _check_search(cfg: SweepConfig) -> None:

@@ -137,8 +137,9 @@ def rank_correlations(rows: Sequence[dict[str, Any]],
 
 def static_rows(supernets: Mapping[str, Mapping[str, Any]],
                 plan: SweepPlan) -> list[dict[str, Any]]:
-    """The static subnets of each supernet (from its BN recalibration, or from a finished
-    trial's table: the gate leaves the supernet's weights untouched)."""
+    """The static subnets of each supernet (from its BN recalibration: the stage's result,
+    or the table a ``--supernet`` checkpoint carries; else from a finished trial's table:
+    the gate leaves the supernet's weights untouched)."""
     out = []
     for sid, s in supernets.items():
         subnets = s.get("subnets") or _subnets_from_trials(plan.sweep_dir, sid)
@@ -326,8 +327,9 @@ def write_outputs(plan: SweepPlan, rows: list[dict[str, Any]],
 
 def static_curves(static: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """The static rows of supernets with at least two subnets: a curve to compare with.
-    (With ``--supernet`` the rows come from a trial's own table, which ``eval_subnets``
-    may cut to one subnet; a single point would pass for a flat curve.)"""
+    (With ``--supernet`` and a checkpoint older than the table it carries, the rows come
+    from a trial's own table, which ``eval_subnets`` may cut to one subnet; a single point
+    would pass for a flat curve.)"""
     counts = collections.Counter(s["supernet"] for s in static)
     return [s for s in static if counts[s["supernet"]] >= 2]
 

@@ -18,6 +18,7 @@ import pytest
 import yaml
 
 from dsnet.config import ConfigError
+from dsnet.models.checkpoint import read_checkpoint
 from pipelines import sweep
 from pipelines.command import UsageError
 from pipelines.sweep import (
@@ -127,6 +128,18 @@ def test_supernet_flag_excludes_supernet_keys(tmp_path: Path) -> None:
     path = _sweep_yaml(tmp_path, space={"supernet.num_random": {"grid": [1, 2]}})
     with pytest.raises(ConfigError, match="--supernet gives a trained supernet"):
         _plan(path, "--supernet", str(ckpt))
+
+
+def test_supernet_flag_reads_the_checkpoint_before_ray(tmp_path: Path,
+                                                      tiny_supernet: Path) -> None:
+    """--supernet is read when the plan is made: its static table comes with it, and a
+    damaged file is refused then, not in every trial after Ray's start-up."""
+    plan = _plan(_sweep_yaml(tmp_path), "--supernet", str(tiny_supernet))
+    assert plan.supernet_subnets == read_checkpoint(tiny_supernet)["extra"]["subnets"]
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(tiny_supernet.read_bytes()[:1000])  # truncated
+    with pytest.raises(UsageError, match="input checkpoint: .* truncated or corrupt"):
+        _plan(_sweep_yaml(tmp_path), "--supernet", str(bad))
 
 
 def test_set_routes_sweep_and_pipeline_keys(tmp_path: Path) -> None:
@@ -371,10 +384,11 @@ def test_tiny_sweep_failure_interrupt_resume(ray_session: object, tmp_path: Path
     assert [r["gate.start_chn_idx"] for r in rows] == ["0", "10", "12"]
     assert "routing space (12, 13, 14, 15)" in rows[2]["error"]
     assert f"trial {rows[2]['trial_id']} failed" in out
-    _check_outputs(sweep_dir, rows)
+    _check_outputs(sweep_dir, rows, read_checkpoint(tiny_supernet)["extra"]["subnets"])
 
 
-def _check_outputs(sweep_dir: Path, rows: list[dict[str, str]]) -> None:
+def _check_outputs(sweep_dir: Path, rows: list[dict[str, str]],
+                   static: list[dict[str, object]]) -> None:
     """The finished trials' rows, pareto.csv/png and sweep.json of the tiny sweep."""
     for r in rows[:2]:
         assert float(r["top1"]) >= 0 and float(r["madds"]) > 0
@@ -386,7 +400,11 @@ def _check_outputs(sweep_dir: Path, rows: list[dict[str, str]]) -> None:
     front = [p for p in pareto if p["series"] == "front"]
     assert front and {p["trial_id"] for p in front} == {r["trial_id"] for r in rows
                                                        if r["on_front"] == "True"}
-    assert [p["subnet"] for p in pareto if p["series"] == "static"] == ["0", "3"]
+    # The static series is the table the given checkpoint's BN recalibration wrote into it
+    # (every subnet), not the trials' own (eval_subnets [0, 3]); the front is compared with it.
+    assert [p["subnet"] for p in pareto if p["series"] == "static"] == \
+        [str(r["subnet"]) for r in static]
+    assert len(static) > 2
     assert (sweep_dir / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     meta = json.loads((sweep_dir / "sweep.json").read_text())
     assert meta["interrupted"] is False
@@ -397,3 +415,5 @@ def _check_outputs(sweep_dir: Path, rows: list[dict[str, str]]) -> None:
     assert meta["config"]["trial_ray"]["num_workers"] == 1
     assert meta["rank_correlation"]["gate.start_chn_idx"]["pooled"] == 1.0
     assert not list(sweep_dir.rglob(".*.tmp"))  # atomic writes left no temporary files
+    assert len(meta["front_vs_static"]) == len(front)
+    assert all(math.isfinite(p["gain"]) for p in meta["front_vs_static"])

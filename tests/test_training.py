@@ -298,11 +298,33 @@ def test_engine_checkpoints_resume_and_chain(tmp_path, monkeypatch):
                     init_from=tmp_path / "s" / "checkpoint.pt",
                     hooks=[CheckpointHook(tmp_path / "r")])
     assert [r["subnet"] for r in res.subnets] == list(range(14))
+    # ... and writes it into its checkpoint, for sweeps given that checkpoint (--supernet).
+    assert dsnet.read_checkpoint(tmp_path / "r" / "checkpoint.pt")["extra"]["subnets"] == \
+        res.subnets
     # A later stage's checkpoint given to an earlier stage is refused.
     with pytest.raises(dsnet.CheckpointError, match="runs after"):
         run_stage(tiny_supernet_cfg(epochs=1), init_from=tmp_path / "r" / "checkpoint.pt")
     with pytest.raises(dsnet.CheckpointError, match="needs the previous stage"):
         run_stage(tiny_supernet_cfg(stage="gate", num_choice=4))
+
+
+def test_gate_finish_reports_the_final_weights():
+    """``finish`` reuses the last epoch's dynamic evaluation (the weights it evaluated are
+    the final ones) and evaluates itself when no epoch ran (a resume of a finished stage)."""
+    from dsnet.eval.evaluate import evaluate_dynamic
+
+    x, y = torch.randn(64, 1, 28, 28), torch.randint(0, 10, (64,))
+    torch.manual_seed(0)
+    runner = make_runner(gate_cfg(lr=0.5, eval_subnets=[0]), small_model(), toy_bundle(x, y),
+                         DistContext(), None)
+    runner.train_epoch(0)
+    runner.validate()
+    fresh = evaluate_dynamic(runner.model, runner.val_loader, None, 28)
+    assert runner.finish()[1] | fresh == runner.finish()[1]
+    idle = make_runner(gate_cfg(eval_subnets=[0]), small_model(), toy_bundle(x, y),
+                       DistContext(), None)
+    fresh = evaluate_dynamic(idle.model, idle.val_loader, None, 28)
+    assert idle.finish()[1] | fresh == idle.finish()[1]
 
 
 def test_nan_loss_stops_with_a_clear_error(monkeypatch):

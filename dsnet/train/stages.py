@@ -139,7 +139,11 @@ class StageRunner:
         optimizer = self.optimizer.state_dict() if self.optimizer is not None else None
         save_checkpoint(path, self.model, stage=self.stage, epoch=epoch, config=config,
                         metrics=metrics, ema_model=ema, optimizer_state=optimizer,
-                        extra={"step": self.step, "grad_scaler": self.scaler.state_dict()})
+                        extra=self.checkpoint_extra())
+
+    def checkpoint_extra(self) -> dict[str, Any]:
+        """The checkpoint's ``extra``: what a resume needs beyond weights and optimizer."""
+        return {"step": self.step, "grad_scaler": self.scaler.state_dict()}
 
     def resume(self, ckpt: dict[str, Any], restore_optimizer: bool = True) -> int:
         """Restore from this stage's checkpoint; return the first epoch still to run."""
@@ -324,6 +328,7 @@ class ResetBNRunner(StageRunner):
             self.ema = ModelEma(model)
             self.ema.load_state_dict({k.removeprefix("module."): v
                                       for k, v in init_ckpt["state_dict_ema"].items()})
+        self.table: list[dict] | None = None
 
     def subnets(self) -> list:
         # As the release: the uniform subnets, not the largest network, which shares the
@@ -354,13 +359,26 @@ class ResetBNRunner(StageRunner):
                 "img_per_s": seen / (time.perf_counter() - t0)}
 
     def validate(self) -> dict[str, float]:
-        row = evaluate_subnet(self.model, self.val_loader, 0, self.dist, self.data.img_size)
+        # The subnet table is evaluated here, before the checkpoint is written, so that the
+        # checkpoint carries it (``extra["subnets"]``): a sweep given this checkpoint
+        # compares its gates with these static subnets without evaluating them again.
+        self.table = self.subnet_table()
+        row = next((r for r in self.table if r["subnet"] == 0), None)
+        if row is None:
+            row = evaluate_subnet(self.model, self.val_loader, 0, self.dist, self.data.img_size)
         return {"top1": row["top1"], "madds": row["madds"]}
 
-    def finish(self) -> tuple[list[dict] | None, dict | None]:
-        rows = evaluate_subnets(self.model, self.val_loader, _eval_subnets(self.cfg, self.model),
+    def subnet_table(self) -> list[dict]:
+        """``eval_subnets`` on the validation set: one row (subnet, MAdds, top-1/5) each."""
+        return evaluate_subnets(self.model, self.val_loader, _eval_subnets(self.cfg, self.model),
                                 self.dist, self.data.img_size)
-        return rows, None
+
+    def checkpoint_extra(self) -> dict[str, Any]:
+        return {**super().checkpoint_extra(), "subnets": self.table}
+
+    def finish(self) -> tuple[list[dict] | None, dict | None]:
+        # A resumed stage whose one epoch was done already has no table yet.
+        return (self.table if self.table is not None else self.subnet_table()), None
 
 
 def _eval_subnets(cfg: StageConfig, model: nn.Module) -> list:
@@ -402,6 +420,7 @@ class GateRunner(StageRunner):
         if self.cfg.gate_ema:
             self.ema = ModelEma(self.model, self.cfg.model_ema_decay)
         self.per_choice = routing_madds(self.model, self.data.img_size).to(self.device)
+        self.last_dynamic: dict[str, Any] | None = None
 
     def train_mode(self) -> None:
         """BN frozen (eval), the slimming head sampling (train)."""
@@ -477,14 +496,18 @@ class GateRunner(StageRunner):
         return task, expected_madds(probs, self.per_choice)
 
     def validate(self) -> dict[str, float]:
-        row = evaluate_dynamic(self.model, self.val_loader, self.dist, self.data.img_size)
-        return {"top1": row["top1"], "madds": row["madds"]}
+        self.last_dynamic = evaluate_dynamic(self.model, self.val_loader, self.dist,
+                                             self.data.img_size)
+        return {"top1": self.last_dynamic["top1"], "madds": self.last_dynamic["madds"]}
 
     def finish(self) -> tuple[list[dict] | None, dict | None]:
         # The raw weights (what load_checkpoint loads by default); the EMA head is saved too.
         rows = evaluate_subnets(self.model, self.val_loader, _eval_subnets(self.cfg, self.model),
                                 self.dist, self.data.img_size)
-        dynamic = evaluate_dynamic(self.model, self.val_loader, self.dist, self.data.img_size)
+        # The last epoch's validation evaluated these very weights (nothing trains after
+        # it); a resume that found every epoch done has not validated yet.
+        dynamic = self.last_dynamic or evaluate_dynamic(self.model, self.val_loader, self.dist,
+                                                        self.data.img_size)
         routing = evaluate_routing(self.model, self.val_loader, self.data.num_classes,
                                    self.dist, self.data.img_size)
         routing["classes"] = list(self.data.classes) if self.data.classes else None
