@@ -327,6 +327,36 @@ def test_gate_finish_reports_the_final_weights():
     assert idle.finish()[1] | fresh == idle.finish()[1]
 
 
+def test_gate_reuses_reset_bn_table_only_when_it_measured_the_same(tmp_path, monkeypatch):
+    """The gate freezes the supernet and BN, so reset_bn's recorded table is its table;
+    a table measured on other validation images, subnets or precision is evaluated anew."""
+    import dsnet.train.stages as stages
+    from dsnet.config import config_to_dict
+
+    x, y = torch.randn(64, 1, 28, 28), torch.randint(0, 10, (64,))
+    reset_cfg = gate_cfg(stage="reset_bn", reset_bn_batches=2)
+    reset = make_runner(reset_cfg, small_model(), toy_bundle(x, y), DistContext(), None)
+    reset.train_epoch(0)
+    reset.validate()
+    reset.save(tmp_path / "r.pt", epoch=0, metrics={}, config=config_to_dict(reset_cfg))
+    ckpt = dsnet.read_checkpoint(tmp_path / "r.pt")
+    model = small_model()
+    model.load_state_dict(ckpt["state_dict"])
+    calls = []
+    real = stages.evaluate_subnets
+    monkeypatch.setattr(stages, "evaluate_subnets", lambda *a: calls.append(a[2]) or real(*a))
+    gate = make_runner(gate_cfg(), model, toy_bundle(x, y), DistContext(), ckpt)
+    rows = gate.finish()[0]
+    assert calls == [] and rows == reset.table   # not evaluated again ...
+    assert real(gate.model, gate.val_loader, list(range(14)), None, 28) == rows  # ... and right
+    for changed in ({"num_val": 32}, {"eval_subnets": [0, 13]}, {"seed": 1}):
+        gate = make_runner(gate_cfg(**changed), model, toy_bundle(x, y), DistContext(), ckpt)
+        assert gate.recorded_table is None
+    gate = make_runner(gate_cfg(), model, toy_bundle(x, y), DistContext(), None)
+    gate.finish()
+    assert calls == [list(range(14))]  # no checkpoint given: evaluated
+
+
 def test_nan_loss_stops_with_a_clear_error(monkeypatch):
     import dsnet.train.stages as stages
 

@@ -387,6 +387,30 @@ def _eval_subnets(cfg: StageConfig, model: nn.Module) -> list:
     return list(cfg.eval_subnets)
 
 
+# The config keys that decide what a subnet table measures on given weights: which
+# validation images (data set, folder, size, subset), which subnets, at what precision.
+_TABLE_KEYS = ("dataset", "data", "img_size", "num_val", "seed", "corrupt_images",
+               "synthetic_size", "num_classes", "amp", "amp_dtype", "device", "eval_subnets")
+
+
+def recorded_subnet_table(ckpt: dict | None, cfg: StageConfig, subnets: list) -> list[dict] | None:
+    """The subnet table a reset_bn checkpoint recorded, if it is the table ``cfg`` would
+    measure on those weights (same ``subnets`` and :data:`_TABLE_KEYS`), else None.
+
+    The gate stage freezes the supernet and its BN statistics, so its uniform subnets are
+    the recalibrated ones: evaluating them again repeats reset_bn's pass image for image.
+    """
+    if ckpt is None or ckpt.get("stage") != "reset_bn":
+        return None
+    table = (ckpt.get("extra") or {}).get("subnets")
+    recorded = ckpt.get("config") or {}
+    if not table or [row["subnet"] for row in table] != list(subnets):
+        return None
+    if any(recorded.get(key) != getattr(cfg, key) for key in _TABLE_KEYS):
+        return None
+    return [dict(row) for row in table]
+
+
 def routing_space_for(cfg: StageConfig, num_subnets: int) -> tuple[int, ...]:
     """The gate's routing space from ``routing_space`` or (``start_chn_idx``, ``num_choice``)."""
     if cfg.routing_space:
@@ -405,8 +429,9 @@ class GateRunner(StageRunner):
 
     stage = "gate"
 
-    def __init__(self, *args: Any) -> None:
-        super().__init__(*args)
+    def __init__(self, cfg: StageConfig, model: nn.Module, data: DataBundle,
+                 dist: DistContext, init_ckpt: dict | None = None) -> None:
+        super().__init__(cfg, model, data, dist, init_ckpt)
         space = routing_space_for(self.cfg, self.model.num_subnets)
         if space != self.model.routing_space:
             self.model.routing_space = space  # a new head: start every rank from rank 0's
@@ -421,6 +446,9 @@ class GateRunner(StageRunner):
             self.ema = ModelEma(self.model, self.cfg.model_ema_decay)
         self.per_choice = routing_madds(self.model, self.data.img_size).to(self.device)
         self.last_dynamic: dict[str, Any] | None = None
+        # reset_bn's table of these frozen weights, when it measured what finish() would.
+        self.recorded_table = recorded_subnet_table(init_ckpt, self.cfg,
+                                                    _eval_subnets(self.cfg, self.model))
 
     def train_mode(self) -> None:
         """BN frozen (eval), the slimming head sampling (train)."""
@@ -502,8 +530,9 @@ class GateRunner(StageRunner):
 
     def finish(self) -> tuple[list[dict] | None, dict | None]:
         # The raw weights (what load_checkpoint loads by default); the EMA head is saved too.
-        rows = evaluate_subnets(self.model, self.val_loader, _eval_subnets(self.cfg, self.model),
-                                self.dist, self.data.img_size)
+        subnets = _eval_subnets(self.cfg, self.model)
+        rows = self.recorded_table or evaluate_subnets(self.model, self.val_loader, subnets,
+                                                       self.dist, self.data.img_size)
         # The last epoch's validation evaluated these very weights (nothing trains after
         # it); a resume that found every epoch done has not validated yet.
         dynamic = self.last_dynamic or evaluate_dynamic(self.model, self.val_loader, self.dist,
