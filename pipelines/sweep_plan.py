@@ -9,6 +9,7 @@ import argparse
 import copy
 import dataclasses
 import json
+import sys
 import time
 import typing
 from collections.abc import Mapping, Sequence
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from dsnet.config import STAGES, ConfigError, StageConfig, config_to_dict
+from dsnet.train.stages import recorded_subnet_table
 from dsnet.utils.provenance import to_builtins
 from dsnet.utils.schema import field_value, suggest
 from pipelines.cli import check_input_checkpoint
@@ -112,7 +114,10 @@ def make_plan(args: argparse.Namespace, command: Sequence[str]) -> SweepPlan:
     if supernet:  # read now: a damaged or later-stage file should not wait for Ray
         ckpt = check_input_checkpoint(dataclasses.replace(pipeline.stages["gate"],
                                                           resume=supernet))
-        subnets = (ckpt.get("extra") or {}).get("subnets")
+        subnets = recorded_subnet_table(ckpt, pipeline.stages["gate"])
+        if subnets is None:
+            print(f"note: {args.supernet} records no subnet table of this sweep's validation "
+                  "set; the static curve comes from the trials' own tables", file=sys.stderr)
     trial_ray = ray_config_from_dict({**config_to_dict(pipeline.ray), **cfg.ray},
                                      source=str(args.config))
     name = args.name or cfg.name or time.strftime("sweep-%Y%m%d-%H%M%S")

@@ -136,6 +136,10 @@ def test_supernet_flag_reads_the_checkpoint_before_ray(tmp_path: Path,
     damaged file is refused then, not in every trial after Ray's start-up."""
     plan = _plan(_sweep_yaml(tmp_path), "--supernet", str(tiny_supernet))
     assert plan.supernet_subnets == read_checkpoint(tiny_supernet)["extra"]["subnets"]
+    # Trials on other validation images: that table is not their static curve.
+    other = _plan(_sweep_yaml(tmp_path), "--supernet", str(tiny_supernet),
+                  "--set", "gate.seed=7")
+    assert other.pipeline.stages["gate"].seed == 7 and other.supernet_subnets is None
     bad = tmp_path / "bad.pt"
     bad.write_bytes(tiny_supernet.read_bytes()[:1000])  # truncated
     with pytest.raises(UsageError, match="input checkpoint: .* truncated or corrupt"):

@@ -388,23 +388,26 @@ def _eval_subnets(cfg: StageConfig, model: nn.Module) -> list:
 
 
 # The config keys that decide what a subnet table measures on given weights: which
-# validation images (data set, folder, size, subset), which subnets, at what precision.
+# validation images (data set, folder, size, subset) and at what precision.
 _TABLE_KEYS = ("dataset", "data", "img_size", "num_val", "seed", "corrupt_images",
-               "synthetic_size", "num_classes", "amp", "amp_dtype", "device", "eval_subnets")
+               "synthetic_size", "num_classes", "amp", "amp_dtype", "device")
 
 
-def recorded_subnet_table(ckpt: dict | None, cfg: StageConfig, subnets: list) -> list[dict] | None:
-    """The subnet table a reset_bn checkpoint recorded, if it is the table ``cfg`` would
-    measure on those weights (same ``subnets`` and :data:`_TABLE_KEYS`), else None.
+def recorded_subnet_table(ckpt: dict | None, cfg: StageConfig,
+                          subnets: list | None = None) -> list[dict] | None:
+    """The subnet table a reset_bn checkpoint recorded, if it measured what ``cfg`` would
+    on those weights (same :data:`_TABLE_KEYS` in its recorded config and, if given,
+    exactly ``subnets``), else None.
 
     The gate stage freezes the supernet and its BN statistics, so its uniform subnets are
-    the recalibrated ones: evaluating them again repeats reset_bn's pass image for image.
+    the recalibrated ones: evaluating them again repeats reset_bn's pass image for image;
+    and a sweep over gates of that supernet compares them with this table.
     """
     if ckpt is None or ckpt.get("stage") != "reset_bn":
         return None
     table = (ckpt.get("extra") or {}).get("subnets")
     recorded = ckpt.get("config") or {}
-    if not table or [row["subnet"] for row in table] != list(subnets):
+    if not table or (subnets is not None and [row["subnet"] for row in table] != subnets):
         return None
     if any(recorded.get(key) != getattr(cfg, key) for key in _TABLE_KEYS):
         return None
